@@ -1,0 +1,186 @@
+"""Safety (and task) bases: top output directions of each target module on response tokens.
+
+One pass over the data with forward hooks on all target modules at once accumulates each
+module's input second moment X^T X (float64, d_in x d_in). The right singular vectors of
+Y = X W^T are the eigenvectors of Y^T Y = W (X^T X) W^T, so V is exact, not a randomised
+estimate, and memory does not grow with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from salora.atomic import atomic_dir, check_output_dir, write_json_atomic
+from salora.chat import IGNORE, Messages, collate, prompt_text, read_chat_jsonl, tokenize_chat
+from salora.errors import SaLoRAError
+from salora.generate import generate_greedy
+from salora.judge import Judge, KeywordJudge
+from salora.models import linear_modules, load_model, model_id, weight_hash
+
+SAFETY_TENSORS = "safety.safetensors"
+SAFETY_META = "safety.json"
+
+
+@dataclass
+class Moments:
+    """Accumulated X^T X over response tokens at one module's input."""
+
+    xtx: torch.Tensor
+    tokens: int = 0
+
+
+@torch.inference_mode()
+def record_input_moments(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Messages],
+    modules: dict[str, nn.Linear],
+    max_length: int = 512,
+    batch_size: int = 8,
+    progress: str | None = None,
+) -> dict[str, Moments]:
+    """One forward pass per batch, hooks on every module; only assistant (label != -100) tokens count."""
+    moments = {name: Moments(torch.zeros(m.in_features, m.in_features, dtype=torch.float64)) for name, m in modules.items()}
+    mask: torch.Tensor | None = None
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0][mask].double()
+            moments[name].xtx += x.T @ x
+            moments[name].tokens += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        examples = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
+        for i in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None, unit="batch"):
+            batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
+            mask = batch["labels"] != IGNORE
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return moments
+
+
+def top_output_directions(W: torch.Tensor, xtx: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
+    """Top-`rank` right singular vectors of Y = X W^T (d_out x rank, orthonormal) and the share of
+    Y's energy they capture."""
+    W64 = W.detach().double()
+    gram = W64 @ xtx @ W64.T
+    eigvals, eigvecs = torch.linalg.eigh((gram + gram.T) / 2)
+    top = eigvecs[:, -rank:].flip(1)
+    total = eigvals.clamp_min(0).sum().item()
+    captured = eigvals[-rank:].clamp_min(0).sum().item() / total if total > 0 else 0.0
+    return top.to(torch.float32).contiguous(), captured
+
+
+def module_bases(
+    modules: dict[str, nn.Linear], moments: dict[str, Moments], rank: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    bases, energy = {}, {}
+    for name, module in modules.items():
+        bases[name], energy[name] = top_output_directions(module.weight, moments[name].xtx, rank)
+    return bases, energy
+
+
+def check_rank(modules: dict[str, nn.Linear], rank: int, what: str) -> None:
+    if rank < 1:
+        raise SaLoRAError(f"{what} must be at least 1")
+    smallest = min(min(m.out_features, m.in_features) for m in modules.values())
+    if rank > smallest:
+        raise SaLoRAError(f"{what} {rank} exceeds the smallest target layer dimension ({smallest})")
+
+
+def refusals_by_base(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Messages],
+    judge: Judge,
+    max_new_tokens: int,
+) -> tuple[list[Messages], int]:
+    """Answer the prompts greedily with the base model; keep only the answers the judge calls refusals."""
+    prompts = [c[:-1] if c[-1]["role"] == "assistant" else c for c in conversations]
+    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, progress="base answers")
+    kept = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers) if judge.is_refusal(prompt_text(p), a)]
+    return kept, len(prompts)
+
+
+def calibrate(
+    model_spec: str,
+    data: str | Path,
+    out: str | Path,
+    target_modules: list[str],
+    rank_safety: int = 32,
+    max_samples: int = 128,
+    generate_responses: bool = False,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    judge: Judge | None = None,
+) -> dict:
+    """Compute and save the safety basis V_s for every target module (DESIGN.md section 1)."""
+    out = Path(out)
+    check_output_dir(out)
+    conversations = read_chat_jsonl(data, need_assistant=not generate_responses)[:max_samples]
+    model, tokenizer = load_model(model_spec)
+    modules = linear_modules(model, target_modules)
+    check_rank(modules, rank_safety, "--rank-safety")
+    generated = None
+    if generate_responses:
+        conversations, asked = refusals_by_base(model, tokenizer, conversations, judge or KeywordJudge(), max_new_tokens)
+        generated = {"prompts": asked, "refusals_kept": len(conversations)}
+        if not conversations:
+            raise SaLoRAError(f"the base model refused none of the {asked} prompts; give refusals in the data instead")
+    moments = record_input_moments(model, tokenizer, conversations, modules, batch_size=batch_size, progress="calibrate")
+    tokens = next(iter(moments.values())).tokens
+    if tokens == 0:
+        raise SaLoRAError(f"{data}: no assistant tokens to calibrate on")
+    bases, energy = module_bases(modules, moments, rank_safety)
+    meta = {
+        "base_model": model_id(model_spec),
+        "base_weight_hash": weight_hash(modules),
+        "module_hashes": {name: weight_hash({name: m}) for name, m in sorted(modules.items())},
+        "target_modules": sorted(target_modules),
+        "modules": sorted(modules),
+        "rank_safety": rank_safety,
+        "sequences": len(conversations),
+        "response_tokens": tokens,
+        "energy_captured": {name: round(e, 6) for name, e in sorted(energy.items())},
+        "generated_responses": generated,
+        "data": str(data),
+    }
+    with atomic_dir(out) as tmp:
+        save_file({f"{name}.V": V for name, V in bases.items()}, str(tmp / SAFETY_TENSORS))
+        write_json_atomic(tmp / SAFETY_META, meta)
+    return meta
+
+
+def load_safety(path: str | Path, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Read a safety directory and check it was made for these exact modules of this exact base."""
+    path = Path(path)
+    if not (path / SAFETY_TENSORS).is_file() or not (path / SAFETY_META).is_file():
+        raise SaLoRAError(f"{path}: not a safety directory (needs {SAFETY_TENSORS} and {SAFETY_META})")
+    try:
+        meta = json.loads((path / SAFETY_META).read_text())
+        tensors = load_file(str(path / SAFETY_TENSORS))
+    except (ValueError, OSError) as e:
+        raise SaLoRAError(f"{path}: unreadable safety files ({e})") from e
+    hashes = meta.get("module_hashes", {})
+    missing = sorted(name for name in modules if f"{name}.V" not in tensors or name not in hashes)
+    if missing:
+        raise SaLoRAError(
+            f"{path}: no safety basis for {len(missing)} target modules (e.g. {missing[0]}); calibrate with the same --target-modules"
+        )
+    for name, module in modules.items():
+        if hashes[name] != weight_hash({name: module}):
+            raise SaLoRAError(f"{path}: made for another base model ({meta.get('base_model')}); calibrate on this model")
+    return {name: tensors[f"{name}.V"] for name in modules}

@@ -1,0 +1,54 @@
+"""Refusal evaluation: greedy answers to a prompt file, scored by a judge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PeftModel
+
+from salora.atomic import write_json_atomic
+from salora.chat import prompt_text, read_prompts
+from salora.errors import SaLoRAError
+from salora.generate import generate_greedy
+from salora.judge import Judge, KeywordJudge
+from salora.models import load_model, model_id
+
+
+def evaluate(
+    model_spec: str,
+    prompts_file: str | Path,
+    out: str | Path,
+    adapter: str | Path | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    judge: Judge | None = None,
+    label: str | None = None,
+) -> dict:
+    """Answer every prompt greedily, judge each answer, write `{n, refusal_rate, items, ...}` as JSON."""
+    judge = judge or KeywordJudge()
+    prompts = read_prompts(prompts_file)
+    if max_new_tokens < 1:
+        raise SaLoRAError("--max-new-tokens must be at least 1")
+    model, tokenizer = load_model(model_spec)
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise SaLoRAError(f"{adapter}: not a PEFT adapter directory (run `salora export` on a checkpoint)")
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress="eval")
+    items = [
+        {"prompt": prompt_text(p), "response": a, "refused": judge.is_refusal(prompt_text(p), a)}
+        for p, a in zip(prompts, answers)
+    ]
+    result = {
+        "label": label or (Path(adapter).name if adapter else model_id(model_spec)),
+        "model": model_id(model_spec),
+        "adapter": str(adapter) if adapter else None,
+        "prompts": str(prompts_file),
+        "judge": judge.name,
+        "max_new_tokens": max_new_tokens,
+        "n": len(items),
+        "refusal_rate": sum(i["refused"] for i in items) / len(items),
+        "items": items,
+    }
+    write_json_atomic(out, result)
+    return result

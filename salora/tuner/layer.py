@@ -1,0 +1,80 @@
+"""The SaLoRA linear layer: y = x W_res^T + s x A^T (C B)^T with C = I - V_s V_s^T.
+
+C is never built (d_out^2): the effective up-projection C B = B - V_s (V_s^T B) costs
+d_out * r * r_s once per forward, not per token, which keeps SaLoRA's step time at LoRA's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def project_out(V: torch.Tensor | None, M: torch.Tensor) -> torch.Tensor:
+    """C M = M - V (V^T M); identity when there is no safety basis."""
+    return M if V is None else M - V @ (V.T @ M)
+
+
+class SaLoRALinear(nn.Module):
+    """Wraps a frozen nn.Linear whose weight already holds W_res.
+
+    Buffers: `V` (d_out x r_s, orthonormal safety basis, or empty when projection is off),
+    `A0`, `B0` (the initial factors, kept so export can express the delta against the
+    unmodified base). Parameters: `A` (r x d_in), `B` (d_out x r).
+    """
+
+    def __init__(self, base: nn.Linear, A0: torch.Tensor, B0: torch.Tensor, V: torch.Tensor | None, scale: float) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = scale
+        self.A = nn.Parameter(A0.clone())
+        self.B = nn.Parameter(B0.clone())
+        self.register_buffer("A0", A0.clone())
+        self.register_buffer("B0", B0.clone())
+        self.register_buffer("V", V if V is not None else torch.empty(base.out_features, 0))
+
+    @property
+    def safety_basis(self) -> torch.Tensor | None:
+        return self.V if self.V.shape[1] else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * F.linear(F.linear(x, self.A), project_out(self.safety_basis, self.B))
+
+    @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return lora_factors(self.A, self.B, self.A0, self.B0, self.safety_basis, self.scale)
+
+
+def lora_factors(
+    A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, V: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard LoRA factors with lora_B @ lora_A == W' - W = s C B A - s C B0 A0 exactly, so the
+    adapter applies to the UNMODIFIED base: rank 2r `[s CB | -s CB0] [A ; A0]`, or rank r (s CB, A)
+    when the adapter started from B0 = 0."""
+    if V is not None and V.shape[1] == 0:
+        V = None
+    if not torch.any(B0):
+        return A.clone(), scale * project_out(V, B)
+    lora_A = torch.cat([A, A0], dim=0)
+    lora_B = torch.cat([scale * project_out(V, B), -scale * project_out(V, B0)], dim=1)
+    return lora_A, lora_B
+
+
+def zero_init(d_out: int, d_in: int, rank: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard LoRA start: A ~ Kaiming-uniform(a=sqrt(5)) as in PEFT, B = 0."""
+    A = torch.empty(rank, d_in)
+    bound = 1 / math.sqrt(d_in)  # kaiming_uniform_ with a=sqrt(5) on a (rank, d_in) matrix
+    A.uniform_(-bound, bound, generator=generator)
+    return A, torch.zeros(d_out, rank)
+
+
+def task_aware_init(W: torch.Tensor, V_task: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper's start: W ~ U diag(S) V^T at rank r; B0 = V_t V_t^T U diag(sqrt S), A0 = diag(sqrt S) V^T."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    sqrt_s = S[:rank].sqrt()
+    B0 = V_task.double() @ (V_task.double().T @ (U[:, :rank] * sqrt_s))
+    A0 = sqrt_s[:, None] * Vh[:rank]
+    return A0.to(W.dtype), B0.to(W.dtype)

@@ -1,0 +1,31 @@
+"""`salora calibrate`: the safety basis V_s of every target module."""
+
+import argparse
+
+
+def csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="compute the safety basis from harmful prompts and the model's refusals")
+    p.add_argument("--model", required=True, help="model directory or `embedded`")
+    p.add_argument("--data", required=True, help="JSONL of chat `messages` (user prompt + refusal)")
+    p.add_argument("--out", required=True, help="new directory for safety.safetensors and safety.json")
+    p.add_argument("--target-modules", type=csv_list, default=["q_proj", "v_proj"], help="comma-separated (default q_proj,v_proj)")
+    p.add_argument("--rank-safety", type=int, default=32, help="r_s, safety directions per module (default 32)")
+    p.add_argument("--max-samples", type=int, default=128, help="conversations used (default 128)")
+    p.add_argument("--generate-responses", action="store_true", help="answer the prompts with the base model; keep its refusals")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length with --generate-responses")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from salora.calibrate import calibrate
+
+    meta = calibrate(
+        args.model, args.data, args.out, args.target_modules, args.rank_safety, args.max_samples,
+        args.generate_responses, args.max_new_tokens, args.batch_size,
+    )
+    print(f"safety basis r_s={meta['rank_safety']} for {len(meta['modules'])} modules from {meta['response_tokens']} response tokens -> {args.out}")
