@@ -16,9 +16,13 @@ import torch
 from filelock import FileLock
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from salora.atomic import atomic_dir
 from salora.errors import SaLoRAError
+
+# Loading a 135M model takes a second; its per-tensor progress bars would only bury our own output.
+hf_logging.disable_progress_bar()
 
 EMBEDDED = "embedded"
 EMBEDDED_ID = "SmolLM2-135M-Instruct"

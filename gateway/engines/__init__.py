@@ -1,0 +1,1 @@
+"""Generation engines behind one interface (`gateway.engines.base.Engine`)."""

@@ -1,0 +1,117 @@
+"""The `salora` command line: calibrate -> train -> export -> eval end to end, and bad input ending
+in a one-line error, a non-zero exit and no half-written output."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from salora_cli.main import main
+from tests.conftest import build_tiny_llama, write_jsonl
+
+
+PROGRESS = re.compile(r"\d+/\d+ \[")  # tqdm bars that ran before the error
+
+
+def salora(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "salora_cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_pipeline_end_to_end(tiny_model_dir, chat_files, tmp_path):
+    model = str(tiny_model_dir)
+    steps = [
+        ("calibrate", "--model", model, "--data", str(chat_files["safety"]), "--out", str(tmp_path / "safety"), "--rank-safety", "8"),
+        ("train", "--model", model, "--data", str(chat_files["task"]), "--safety", str(tmp_path / "safety"), "--out",
+         str(tmp_path / "ckpt"), "--rank", "4", "--task-rank", "8", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3"),
+        ("export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "adapter")),
+        ("eval", "--model", model, "--adapter", str(tmp_path / "adapter"), "--prompts", str(chat_files["prompts"]),
+         "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "8", "--label", "salora"),
+        ("eval", "--model", model, "--prompts", str(chat_files["prompts"]), "--out", str(tmp_path / "base.json"), "--max-new-tokens", "8"),
+        ("compare", str(tmp_path / "base.json"), str(tmp_path / "eval.json"), "--out", str(tmp_path / "refusals.png")),
+    ]
+    for args in steps:
+        proc = salora(*args)
+        assert proc.returncode == 0, f"{args[0]}: {proc.stderr[-2000:]}"
+    safety = json.loads((tmp_path / "safety" / "safety.json").read_text())
+    assert safety["rank_safety"] == 8 and len(safety["modules"]) == 4 and safety["response_tokens"] > 0
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3]
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8  # rank 2r
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n"] == 4 and len(result["items"]) == 4
+    assert result["refusal_rate"] == sum(i["refused"] for i in result["items"]) / 4
+    assert set(result["items"][0]) >= {"prompt", "response", "refused"}
+    assert (tmp_path / "refusals.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory, smollm_tokenizer) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("other-llama"), smollm_tokenizer, seed=1)
+
+
+@pytest.fixture(scope="module")
+def safety_dir(tiny_model_dir, chat_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli-safety") / "safety"
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--data", str(chat_files["safety"]), "--out", str(out), "--rank-safety", "4"]) == 0
+    return out
+
+
+def bad_inputs(model: Path, other: Path, files: dict, safety: Path, tmp: Path) -> dict[str, list[str]]:
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    malformed = tmp / "malformed.jsonl"
+    malformed.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    no_answer = write_jsonl(tmp / "no_answer.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    taken = tmp / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("precious")
+    cal = ["calibrate", "--model", str(model), "--data", str(files["safety"])]
+    trn = ["train", "--model", str(model), "--data", str(files["task"]), "--safety", str(safety), "--rank", "2", "--task-rank", "4", "--max-steps", "1"]
+    return {
+        "missing data": ["calibrate", "--model", str(model), "--data", str(tmp / "nope.jsonl")],
+        "empty data": ["calibrate", "--model", str(model), "--data", str(empty)],
+        "malformed jsonl": ["train", "--model", str(model), "--data", str(malformed), "--safety", str(safety)],
+        "no assistant turn": ["calibrate", "--model", str(model), "--data", str(no_answer)],
+        "missing model": ["calibrate", "--model", str(tmp / "no-model"), "--data", str(files["safety"])],
+        "unknown target module": [*cal, "--target-modules", "q_proj,qkv_proj"],
+        "safety rank above dims": [*cal, "--rank-safety", "999"],
+        "train rank above dims": ["train", "--model", str(model), "--data", str(files["task"]), "--safety", str(safety), "--rank", "999"],
+        "safety for another base": ["train", "--model", str(other), "--data", str(files["task"]), "--safety", str(safety)],
+        "salora without safety": ["train", "--model", str(model), "--data", str(files["task"])],
+        "no refusals to keep": [*cal, "--generate-responses", "--max-new-tokens", "4"],
+        "output exists": [*trn, "--out-existing"],
+        "not a checkpoint": ["export", "--checkpoint", str(safety)],
+        "bad prompt file type": ["eval", "--model", str(model), "--prompts", str(safety / "safety.json")],
+    }
+
+
+CASES = [
+    "missing data", "empty data", "malformed jsonl", "no assistant turn", "missing model", "unknown target module",
+    "safety rank above dims", "train rank above dims", "safety for another base", "salora without safety",
+    "no refusals to keep", "output exists", "not a checkpoint", "bad prompt file type",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_line_error_and_no_output(case, tiny_model_dir, other_model_dir, chat_files, safety_dir, tmp_path, capsys):
+    args = bad_inputs(tiny_model_dir, other_model_dir, chat_files, safety_dir, tmp_path)[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    if args[-1] == "--out-existing":
+        args, out = args[:-1], tmp_path / "taken"
+    else:
+        out = work / "out.json" if args[0] == "eval" else work / "out"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not PROGRESS.search(line)]
+    assert len(err) == 1 and err[0].startswith(f"salora {args[0]}: error: "), err
+    if case == "output exists":
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert list(work.iterdir()) == []  # no partial directories left beside the output
