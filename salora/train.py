@@ -48,6 +48,7 @@ class TrainOptions:
     seed: int = 0
     target_modules: list[str] | None = None
     init: str = "task"
+    project: bool = True
     task_rank: int = 32
     task_samples: int = 128
     max_length: int = 512
@@ -66,7 +67,7 @@ def _targets(opts: TrainOptions) -> list[str]:
 def _validate(opts: TrainOptions) -> None:
     if opts.method not in ("salora", "lora"):
         raise SaLoRAError(f"--method must be salora or lora, not {opts.method}")
-    if opts.method == "salora" and not opts.safety:
+    if opts.method == "salora" and opts.project and not opts.safety:
         raise SaLoRAError("--method salora needs --safety DIR (from `salora calibrate`)")
     for name, value in (("--rank", opts.rank), ("--batch-size", opts.batch_size), ("--epochs", opts.epochs)):
         if value < 1:
@@ -89,9 +90,11 @@ def train(opts: TrainOptions) -> dict:
     modules = linear_modules(model, targets)
     check_rank(modules, opts.rank, "--rank")
     base_hash = weight_hash(modules)
-    config = SaLoRAConfig(rank=opts.rank, alpha=opts.alpha, target_modules=targets, init=opts.init, task_rank=opts.task_rank)
+    config = SaLoRAConfig(
+        rank=opts.rank, alpha=opts.alpha, target_modules=targets, init=opts.init, task_rank=opts.task_rank, project=opts.project
+    )
     if opts.method == "salora":
-        safety = load_safety(opts.safety, modules)
+        safety = load_safety(opts.safety, modules) if opts.project else None
         task_bases = None
         if config.init == "task":
             check_rank(modules, config.task_rank, "--task-rank")

@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-modules", type=csv_list, default=None, help="default: the safety basis's modules")
     p.add_argument("--init", choices=["task", "zero"], default="task", help="SaLoRA start: task-aware (paper) or standard LoRA")
+    p.add_argument("--no-projection", dest="project", action="store_false", help="ablation: SaLoRA init without the safety projection")
     p.add_argument("--task-rank", type=int, default=32, help="d_s, task directions for the task-aware init")
     p.add_argument("--max-length", type=int, default=512, help="tokens per conversation")
     p.add_argument("--save-every", type=int, default=None, help="also keep checkpoints/step-N every N steps")
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
         TrainOptions(
             model=args.model, data=args.data, out=args.out, safety=args.safety, method=args.method, rank=args.rank,
             alpha=args.alpha, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-            seed=args.seed, target_modules=args.target_modules, init=args.init, task_rank=args.task_rank,
+            seed=args.seed, target_modules=args.target_modules, init=args.init, project=args.project, task_rank=args.task_rank,
             max_length=args.max_length, save_every=args.save_every,
         )
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -34,19 +34,21 @@ class Chunk:
 
 
 class EngineError(Exception):
-    """The engine cannot serve now (still loading, failed, shut down): the caller sees a 503."""
+    """The engine cannot serve now (still loading, failed, shut down): the caller sees a 503.
+    `kind` labels `salora_engine_errors_total`."""
+
+    def __init__(self, message: str, kind: str = "unavailable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
-@dataclass
 class RequestRejected(Exception):
     """The request cannot be served as asked (e.g. the prompt is longer than the context): a 400."""
 
-    message: str
-    code: str = "invalid_request"
-    param: str | None = field(default=None)
-
-    def __str__(self) -> str:
-        return self.message
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
 
 
 class Engine(Protocol):

@@ -1,0 +1,39 @@
+"""Bearer-key authentication: tenants by their API key, the admin by the separate admin key."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, Request
+
+from gateway.context import Context, context
+from gateway.errors import APIError, invalid_api_key
+from gateway.tenants import ANONYMOUS, Tenant, hash_key
+
+
+def bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def authenticate(ctx: Context, request: Request) -> Tenant:
+    """The calling tenant; 401 unless the key belongs to one (any caller when running open)."""
+    if ctx.anonymous:
+        return ANONYMOUS
+    key = bearer_key(request)
+    tenant = ctx.tenants.authenticate(key) if key else None
+    if tenant is None:
+        raise invalid_api_key()
+    return tenant
+
+
+def require_tenant(request: Request, ctx: Context = Depends(context)) -> Tenant:
+    return authenticate(ctx, request)
+
+
+def require_admin(request: Request, ctx: Context = Depends(context)) -> None:
+    if ctx.admin_key_sha256 is None:
+        raise APIError(401, "The admin API is off: set SALORA_ADMIN_KEY to enable it.", code="admin_disabled")
+    key = bearer_key(request)
+    if key is None or not hmac.compare_digest(hash_key(key), ctx.admin_key_sha256):
+        raise invalid_api_key()

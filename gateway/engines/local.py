@@ -1,0 +1,394 @@
+"""In-process engine: transformers + PEFT, several adapters resident, one shared base.
+
+One worker thread owns the model (concurrent forwards on one module are not safe) and runs a
+continuous batch: new requests are prefilled as a group, their KV cache is left-padded and joined to
+the running batch between decode steps, and finished or cancelled rows leave it between steps. PEFT's
+`adapter_names` gives every row its own adapter (`__base__` for the base model), so requests on
+different adapters share each forward pass. Streaming and non-streaming callers consume the same
+chunks, so their greedy answers are identical by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
+from salora.models import load_model
+
+log = logging.getLogger(__name__)
+BASE = "__base__"  # PEFT's name for "no adapter" in `adapter_names`
+
+
+@dataclass(eq=False)
+class _Row:
+    """One request inside the worker. `emit` hands a chunk (or an error) to the asyncio side."""
+
+    request: GenerationRequest
+    emit: Callable[[Chunk | Exception], object]
+    cancelled: bool = False  # set by the asyncio side when the client is gone
+    done: bool = False
+    prompt: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the answer already emitted
+    limit: int = 0  # completion tokens allowed (max_tokens, capped by the context)
+    generator: torch.Generator | None = None
+
+    def send(self, item: Chunk | Exception) -> None:
+        try:
+            self.emit(item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Batch:
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # (rows, cached positions): 1 for real tokens, 0 for left padding
+
+
+@dataclass(eq=False)
+class _Op:
+    """Work on the model itself (adapter load/unload), run by the worker between steps."""
+
+    fn: Callable[[], None]
+    future: concurrent.futures.Future
+
+
+def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad the sequence dimension (-2 of a KV tensor) on the left with n zeros."""
+    return F.pad(x, (0, 0, n, 0)) if n else x
+
+
+def _held_back(text: str, sent: int, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of text[sent:] that could still grow into a stop string."""
+    longest = max(map(len, stops), default=0)
+    for k in range(min(longest - 1, len(text) - sent), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+class LocalEngine:
+    """transformers + PEFT in this process; `model` is a model directory or `embedded`."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        model: str,
+        model_id: str,
+        adapters: dict[str, Path] | None = None,
+        *,
+        max_batch_size: int = 8,
+        max_model_len: int = 2048,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.error: str | None = None
+        self._spec = model
+        self._initial_adapters = dict(adapters or {})
+        self._max_batch = max_batch_size
+        self._max_len = max_model_len
+        self._on_batch = on_batch
+        self._adapters: frozenset[str] = frozenset()
+        self._inbox: queue.SimpleQueue[_Row | _Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._model: PreTrainedModel | PeftModel
+        self._tokenizer: PreTrainedTokenizerBase
+        self._eos: frozenset[int] = frozenset()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def adapters(self) -> frozenset[str]:
+        return self._adapters
+
+    async def start(self) -> None:
+        """Load the base and the initial adapters off the event loop, then start the worker."""
+        try:
+            await asyncio.to_thread(self._load)
+        except Exception as e:
+            self.error = f"cannot load the model: {e}"
+            raise EngineError(self.error, kind="load") from e
+        self._thread = threading.Thread(target=self._work, name="salora-local-engine", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if not self.ready:
+            raise EngineError(self.error or "the engine is still loading")
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[Chunk | Exception] = asyncio.Queue()
+        row = _Row(request, partial(loop.call_soon_threadsafe, chunks.put_nowait))
+        self._inbox.put(row)
+        try:
+            while True:
+                item = await chunks.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            row.cancelled = True  # a no-op when finished; otherwise the worker drops the row
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        await self._call(partial(self._load_adapter, name, Path(path)))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._call(partial(self._unload_adapter, name))
+
+    async def _call(self, fn: Callable[[], None]) -> None:
+        if not self.ready:
+            raise EngineError(self.error or "the engine is still loading")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(_Op(fn, future))
+        await asyncio.wrap_future(future)
+
+    # --- worker thread -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        self._model, self._tokenizer = load_model(self._spec)
+        eos = self._model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self._eos = frozenset(i for i in [*eos_ids, self._tokenizer.eos_token_id] if i is not None)
+        self._max_len = min(self._max_len, getattr(self._model.config, "max_position_embeddings", self._max_len))
+        for name, path in self._initial_adapters.items():
+            self._load_adapter(name, Path(path))
+
+    def _load_adapter(self, name: str, path: Path) -> None:
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        if isinstance(self._model, PeftModel):
+            self._model.load_adapter(str(path), adapter_name=name)
+        else:
+            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+        self._model.eval()
+        self._adapters = self._adapters | {name}
+
+    def _unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise KeyError(f"adapter {name!r} is not loaded")
+        assert isinstance(self._model, PeftModel)
+        self._model.delete_adapter(name)
+        self._adapters = self._adapters - {name}
+
+    def _work(self) -> None:
+        batch: _Batch | None = None
+        while True:
+            items = [self._inbox.get()] if batch is None else []
+            room = self._max_batch - (len(batch.rows) if batch else 0)
+            while len(items) < room and not self._inbox.empty():
+                items.append(self._inbox.get_nowait())
+            rows: list[_Row] = []
+            for item in items:
+                if item is None:
+                    self._fail([*(batch.rows if batch else []), *rows, *self._drain()], EngineError("the engine shut down"))
+                    return
+                if isinstance(item, _Op):
+                    self._run_op(item, batch)
+                else:
+                    rows.append(item)
+            try:
+                with torch.inference_mode():
+                    if rows:
+                        batch = self._admit(batch, rows)
+                    if batch is not None:
+                        batch = self._step(batch)
+            except Exception as e:
+                log.exception("generation failed")
+                self._fail([*(batch.rows if batch else []), *rows], EngineError(f"generation failed: {e}", kind="generation"))
+                batch = None
+
+    def _drain(self) -> list[_Row]:
+        rows = []
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, _Row):
+                rows.append(item)
+            elif isinstance(item, _Op):
+                item.future.set_exception(EngineError("the engine shut down"))
+        return rows
+
+    @staticmethod
+    def _fail(rows: list[_Row], error: Exception) -> None:
+        for row in rows:
+            if not row.done:
+                row.done = True
+                row.send(error)
+
+    def _run_op(self, op: _Op, batch: _Batch | None) -> None:
+        try:
+            op.fn()
+        except Exception as e:
+            op.future.set_exception(e)
+            return
+        op.future.set_result(None)
+        if batch is not None:  # rows on an adapter that was just unloaded cannot continue
+            self._fail([r for r in batch.rows if r.request.adapter not in (None, *self._adapters)], EngineError(
+                "the adapter was unloaded during generation"))
+
+    def _prepare(self, row: _Row) -> bool:
+        """Tokenise and check a new row; a row that cannot run gets its error here."""
+        request = row.request
+        if row.cancelled:
+            return False
+        if request.adapter is not None and request.adapter not in self._adapters:
+            row.send(EngineError(f"adapter {request.adapter!r} is not loaded"))
+            return False
+        try:
+            row.prompt = self._tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as e:  # a template that rejects this conversation (e.g. role order)
+            row.send(RequestRejected(f"cannot apply the chat template: {e}", param="messages"))
+            return False
+        room = self._max_len - len(row.prompt)
+        if room < 1:
+            row.send(RequestRejected(
+                f"the prompt has {len(row.prompt)} tokens; this model's context is {self._max_len} tokens",
+                code="context_length_exceeded", param="messages"))
+            return False
+        row.limit = min(request.max_tokens, room)
+        if request.temperature > 0:
+            row.generator = torch.Generator()
+            if request.seed is None:
+                row.generator.seed()
+            else:
+                row.generator.manual_seed(request.seed)
+        return True
+
+    def _admit(self, batch: _Batch | None, rows: list[_Row]) -> _Batch | None:
+        """Prefill new rows as one left-padded group and join them to the running batch."""
+        rows = [r for r in rows if self._prepare(r)]
+        if not rows:
+            return batch
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self._tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt):] = 1
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, rows)
+        for row, token in zip(rows, self._pick(logits, rows)):
+            self._advance(row, token)
+        new = _Batch(rows, cache, mask)
+        return new if batch is None else self._merge(batch, new)
+
+    @staticmethod
+    def _merge(a: _Batch, b: _Batch) -> _Batch:
+        """Concatenate two batches, left-padding the shorter KV cache so positions line up at the right."""
+        ta, tb = a.mask.shape[1], b.mask.shape[1]
+        width = max(ta, tb)
+        for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+            la.keys = torch.cat([_left_pad(la.keys, width - ta), _left_pad(lb.keys, width - tb)])
+            la.values = torch.cat([_left_pad(la.values, width - ta), _left_pad(lb.values, width - tb)])
+        mask = torch.cat([F.pad(a.mask, (width - ta, 0)), F.pad(b.mask, (width - tb, 0))])
+        return _Batch(a.rows + b.rows, a.cache, mask)
+
+    @staticmethod
+    def _prune(batch: _Batch) -> _Batch | None:
+        """Drop finished and cancelled rows, then the padding columns no remaining row needs."""
+        keep = [i for i, r in enumerate(batch.rows) if not (r.done or r.cancelled)]
+        if not keep:
+            return None
+        if len(keep) == len(batch.rows):
+            return batch
+        index = torch.tensor(keep)
+        batch.cache.batch_select_indices(index)
+        mask = batch.mask[index]
+        first = int(mask.any(0).int().argmax())
+        if first:
+            for layer in batch.cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]
+            mask = mask[:, first:]
+        return _Batch([batch.rows[i] for i in keep], batch.cache, mask)
+
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Feed every row its last token and pick the next."""
+        pruned = self._prune(batch)
+        if pruned is None:
+            return None
+        rows = pruned.rows
+        if self._on_batch is not None:
+            self._on_batch(len(rows))
+        pruned.mask = torch.cat([pruned.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        ids = torch.tensor([[r.tokens[-1]] for r in rows])
+        positions = torch.tensor([[len(r.prompt) + len(r.tokens) - 1] for r in rows])
+        logits = self._forward(ids, pruned.mask, positions, pruned.cache, rows)
+        for row, token in zip(rows, self._pick(logits, rows)):
+            self._advance(row, token)
+        return pruned
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache, rows: list[_Row]) -> torch.Tensor:
+        extra = {"adapter_names": [r.request.adapter or BASE for r in rows]} if isinstance(self._model, PeftModel) else {}
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                          use_cache=True, logits_to_keep=1, **extra)
+        return out.logits[:, -1, :].float()
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Next token per row: greedy at temperature 0, else temperature + nucleus sampling from the
+        row's own seeded generator (so a seed reproduces regardless of who shares the batch)."""
+        greedy = logits.argmax(-1).tolist()
+        picks = []
+        for i, row in enumerate(rows):
+            request = row.request
+            if request.temperature == 0:
+                picks.append(greedy[i])
+                continue
+            probs = torch.softmax(logits[i] / request.temperature, dim=-1)
+            if request.top_p < 1:
+                probs, order = probs.sort(descending=True)
+                probs[probs.cumsum(0) - probs > request.top_p] = 0
+                picks.append(int(order[torch.multinomial(probs, 1, generator=row.generator)]))
+            else:
+                picks.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        return picks
+
+    def _advance(self, row: _Row, token: int) -> None:
+        """Append a token, emit whatever text is now final, and decide whether the row is done.
+        Text that may still change is held back: an incomplete UTF-8 character (decoded as U+FFFD)
+        and a tail that could be the start of a stop string."""
+        row.tokens.append(token)
+        stops = row.request.stop
+        text = self._tokenizer.decode(row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        end = len(text)
+        finish = "stop" if token in self._eos else None
+        hits = [i for i in (text.find(s, row.sent) for s in stops) if i >= 0]
+        if hits:
+            finish, end = "stop", min(hits)
+        elif finish is None and len(row.tokens) >= row.limit:
+            finish = "length"
+        if finish is None:
+            end = len(text.rstrip("\ufffd"))
+            end -= _held_back(text[:end], row.sent, stops)
+        if finish is not None:
+            row.done = True
+            row.send(Chunk(text[row.sent:end], finish, len(row.prompt), len(row.tokens)))
+        elif end > row.sent:
+            row.send(Chunk(text[row.sent:end]))
+            row.sent = end

@@ -1,0 +1,33 @@
+"""Prometheus metrics (names fixed in DESIGN.md section 4), one registry per app so tests can run
+several apps in one process. Label values come from the tenant store and the engine's adapters;
+anything else is `other`, so a caller cannot grow the series count by sending made-up names."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OTHER = "other"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("salora_requests_total", "Chat completion requests by outcome (HTTP status)",
+                                ["tenant", "adapter", "status"], registry=r)
+        self.duration = Histogram("salora_request_duration_seconds", "Chat completion time to the last byte",
+                                  ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("salora_time_to_first_token_seconds", "Time to the first generated text",
+                              ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("salora_tokens_total", "Tokens processed, kind = prompt or completion",
+                              ["tenant", "adapter", "kind"], registry=r)
+        self.responses = Counter("salora_responses_total", "Completed answers, classified by the refusal judge",
+                                 ["tenant", "adapter", "refused"], registry=r)
+        self.adapters = Gauge("salora_adapters", "Adapters by lifecycle state", ["state"], registry=r)
+        self.engine_errors = Counter("salora_engine_errors_total", "Engine failures by engine and kind",
+                                     ["engine", "kind"], registry=r)
+        self.batch_size = Histogram("salora_engine_batch_size", "Rows in each decode step of the local engine",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,121 @@
+"""Gateway settings: defaults < YAML config file (`--config` or SALORA_CONFIG) < SALORA_* environment
+variables < command-line flags. Nested fields take `__` in the environment (SALORA_LIMITS__MAX_TOKENS).
+With nothing set, the gateway serves the embedded model, open to local callers."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from salora.errors import SaLoRAError
+from salora.models import EMBEDDED, EMBEDDED_ID, salora_home
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"  # tenant and adapter names
+
+
+class TenantConfig(BaseModel):
+    """A tenant declared in the config; its key is given only as a SHA-256 hex digest."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=NAME_PATTERN)
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    adapters: list[str] = ["*"]
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+
+
+class Limits(BaseModel):
+    """Per-request bounds; anything larger is refused before it reaches the engine."""
+
+    model_config = {"extra": "forbid"}
+
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
+    max_tokens: int = Field(default=2048, gt=0)  # the most a request may ask for
+    default_max_tokens: int = Field(default=256, gt=0)  # when a request does not say
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SALORA_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model: str = EMBEDDED  # a model directory or `embedded`
+    model_name: str | None = None  # the id clients send as `model`; default from `model`
+    engine: Literal["local"] = "local"
+    adapters: dict[str, Path] = {}  # name -> PEFT adapter directory, loaded at start
+    tenants: list[TenantConfig] = []
+    admin_key: SecretStr | None = None
+    state_dir: Path = Field(default_factory=lambda: salora_home() / "gateway")
+    db_url: str | None = None  # any SQLAlchemy URL; default: SQLite under state_dir
+    limits: Limits = Limits()
+    rate_window_s: float = Field(default=60.0, gt=0)  # the "minute" of rpm/tpm (short in tests)
+    max_batch_size: int = Field(default=8, gt=0)
+    max_model_len: int = Field(default=2048, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: str) -> str:
+        if v != EMBEDDED and not (Path(v) / "config.json").is_file():
+            raise ValueError(f"{v}: not a model directory (no config.json) and not `{EMBEDDED}`")
+        return v
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters_exist(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for name, path in v.items():
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"adapter name {name!r} must match {NAME_PATTERN}")
+            if not (path / "adapter_config.json").is_file():
+                raise ValueError(f"adapter {name}: {path} is not a PEFT adapter directory (no adapter_config.json)")
+        return v
+
+    @property
+    def served_model_id(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return EMBEDDED_ID if self.model == EMBEDDED else Path(self.model).resolve().name
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.state_dir / 'gateway.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from an optional YAML file, the environment and explicit overrides; every problem
+    becomes one SaLoRAError line."""
+    path = config or os.environ.get("SALORA_CONFIG")
+    cls = Settings
+    if path:
+        if not Path(path).is_file():
+            raise SaLoRAError(f"config {path}: no such file")
+        cls = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(path)}})
+    try:
+        return cls(**overrides)
+    except yaml.YAMLError as e:
+        raise SaLoRAError(f"config {path}: not valid YAML ({e})") from e
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        raise SaLoRAError(f"invalid settings: {problems}") from e

@@ -1,0 +1,72 @@
+"""Refusal alignment of the demo base, reproducibly.
+
+SmolLM2-135M-Instruct complies with most harmful requests, so the project aligns it: a LoRA on all
+seven linear projections, trained on the project's harmful `train` prompts with their written
+refusals, mixed with benign prompts (ordinary, risky-sounding and arithmetic questions) answered
+by the model itself so its helpfulness stays. The delta is shipped in `salora/resources/alignment`
+(float16) and merged into the weights on first use of `--model embedded`.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from salora.atomic import atomic_dir, check_output_dir, write_json_atomic
+from salora.chat import prompt_text
+from salora.datasets import DATA_VERSION, benign_prompts, safety_messages, write_jsonl
+from salora.export import PEFT_WEIGHTS, export
+from salora.generate import generate_greedy
+from salora.judge import KeywordJudge
+from salora.models import EMBEDDED_UNALIGNED, load_model
+from salora.tasks import arithmetic
+from salora.train import TrainOptions, train
+from salora.tuner.config import ALL_LINEAR
+
+
+def alignment_conversations(arithmetic_questions: int = 60, max_new_tokens: int = 160, seed: int = 0) -> tuple[list[list[dict]], dict]:
+    """Harmful prompts with refusals + benign prompts with the unaligned model's own answers."""
+    model, tokenizer = load_model(EMBEDDED_UNALIGNED)
+    benign = [[{"role": "user", "content": b.prompt}] for b in benign_prompts("train")]
+    benign += [arithmetic.to_messages(p)[:1] for p in arithmetic.splits()["train"][:arithmetic_questions]]
+    answers = generate_greedy(model, tokenizer, benign, max_new_tokens, progress="benign answers")
+    judge = KeywordJudge()
+    helpful = [p + [{"role": "assistant", "content": a}] for p, a in zip(benign, answers) if a and not judge.is_refusal(prompt_text(p), a)]
+    refusals = safety_messages("train")
+    conversations = refusals + helpful
+    random.Random(seed).shuffle(conversations)
+    return conversations, {"refusals": len(refusals), "benign_answered": len(helpful), "benign_asked": len(benign)}
+
+
+def align(out: str | Path, rank: int = 16, alpha: float = 32, lr: float = 5e-4, epochs: int = 3, batch_size: int = 8, seed: int = 0) -> dict:
+    """Train the alignment LoRA and write it (float16 PEFT adapter + alignment.json) to `out`."""
+    out = Path(out)
+    check_output_dir(out)
+    conversations, counts = alignment_conversations(seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "alignment.jsonl"
+        write_jsonl(({"messages": c} for c in conversations), data)
+        summary = train(TrainOptions(
+            model=EMBEDDED_UNALIGNED, data=str(data), out=str(Path(tmp) / "ckpt"), method="lora", rank=rank, alpha=alpha,
+            lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, target_modules=list(ALL_LINEAR),
+        ))
+        export(Path(tmp) / "ckpt", Path(tmp) / "adapter", "peft")
+        with atomic_dir(out) as dst:
+            shutil.copyfile(Path(tmp) / "adapter" / "adapter_config.json", dst / "adapter_config.json")
+            weights = load_file(str(Path(tmp) / "adapter" / PEFT_WEIGHTS))
+            save_file({k: v.to(torch.float16) for k, v in weights.items()}, str(dst / PEFT_WEIGHTS), metadata={"format": "pt"})
+            record = {
+                "recipe": {"rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed,
+                           "target_modules": list(ALL_LINEAR)},
+                "data": {**counts, "data_version": DATA_VERSION},
+                "steps": summary["steps"],
+                "final_loss": summary["final_loss"],
+                "train_seconds": summary["train_seconds"],
+            }
+            write_json_atomic(dst / "alignment.json", record)
+    return record
