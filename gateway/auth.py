@@ -27,11 +27,11 @@ def authenticate(ctx: Context, request: Request) -> Tenant:
     return tenant
 
 
-def require_tenant(request: Request, ctx: Context = Depends(context)) -> Tenant:
+async def require_tenant(request: Request, ctx: Context = Depends(context)) -> Tenant:
     return authenticate(ctx, request)
 
 
-def require_admin(request: Request, ctx: Context = Depends(context)) -> None:
+async def require_admin(request: Request, ctx: Context = Depends(context)) -> None:
     if ctx.admin_key_sha256 is None:
         raise APIError(401, "The admin API is off: set SALORA_ADMIN_KEY to enable it.", code="admin_disabled")
     key = bearer_key(request)

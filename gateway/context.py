@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -24,11 +27,19 @@ class Context:
     judge: Judge
     admin_key_sha256: str | None  # None: the admin API is off
     anonymous: bool  # no admin key and no tenants at start: every caller is the anonymous tenant
+    started_at: int  # Unix time, the `created` of the models listed
+    tasks: set[asyncio.Task] = field(default_factory=set)  # detached work (judging), kept alive until done
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` detached from any request, so no response or connection waits for it."""
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def adapter_label(self, model: str) -> str:
         """`model` as a metric label: the base id or a loaded adapter, else `other`."""
         return model if model == self.engine.model_id or model in self.engine.adapters() else "other"
 
 
-def context(request: Request) -> Context:
+async def context(request: Request) -> Context:
     return request.app.state.context

@@ -29,9 +29,11 @@ from salora.train import TrainOptions, train
 from salora.tuner.config import ALL_LINEAR
 
 
-def alignment_conversations(arithmetic_questions: int = 60, max_new_tokens: int = 160, seed: int = 0) -> tuple[list[list[dict]], dict]:
+def alignment_conversations(
+    base: str, arithmetic_questions: int = 60, max_new_tokens: int = 96, seed: int = 0
+) -> tuple[list[list[dict]], dict]:
     """Harmful prompts with refusals + benign prompts with the unaligned model's own answers."""
-    model, tokenizer = load_model(EMBEDDED_UNALIGNED)
+    model, tokenizer = load_model(base)
     benign = [[{"role": "user", "content": b.prompt}] for b in benign_prompts("train")]
     benign += [arithmetic.to_messages(p)[:1] for p in arithmetic.splits()["train"][:arithmetic_questions]]
     answers = generate_greedy(model, tokenizer, benign, max_new_tokens, progress="benign answers")
@@ -43,16 +45,27 @@ def alignment_conversations(arithmetic_questions: int = 60, max_new_tokens: int 
     return conversations, {"refusals": len(refusals), "benign_answered": len(helpful), "benign_asked": len(benign)}
 
 
-def align(out: str | Path, rank: int = 16, alpha: float = 32, lr: float = 5e-4, epochs: int = 3, batch_size: int = 8, seed: int = 0) -> dict:
-    """Train the alignment LoRA and write it (float16 PEFT adapter + alignment.json) to `out`."""
+def align(
+    out: str | Path,
+    rank: int = 16,
+    alpha: float = 32,
+    lr: float = 5e-4,
+    epochs: int = 2,
+    batch_size: int = 8,
+    seed: int = 0,
+    base: str = EMBEDDED_UNALIGNED,
+    arithmetic_questions: int = 60,
+    max_new_tokens: int = 96,
+) -> dict:
+    """Train the alignment LoRA on `base` and write it (float16 PEFT adapter + alignment.json) to `out`."""
     out = Path(out)
     check_output_dir(out)
-    conversations, counts = alignment_conversations(seed=seed)
+    conversations, counts = alignment_conversations(base, arithmetic_questions, max_new_tokens, seed)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "alignment.jsonl"
         write_jsonl(({"messages": c} for c in conversations), data)
         summary = train(TrainOptions(
-            model=EMBEDDED_UNALIGNED, data=str(data), out=str(Path(tmp) / "ckpt"), method="lora", rank=rank, alpha=alpha,
+            model=base, data=str(data), out=str(Path(tmp) / "ckpt"), method="lora", rank=rank, alpha=alpha,
             lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, target_modules=list(ALL_LINEAR),
         ))
         export(Path(tmp) / "ckpt", Path(tmp) / "adapter", "peft")
@@ -61,7 +74,7 @@ def align(out: str | Path, rank: int = 16, alpha: float = 32, lr: float = 5e-4, 
             weights = load_file(str(Path(tmp) / "adapter" / PEFT_WEIGHTS))
             save_file({k: v.to(torch.float16) for k, v in weights.items()}, str(dst / PEFT_WEIGHTS), metadata={"format": "pt"})
             record = {
-                "recipe": {"rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed,
+                "recipe": {"base": base, "answer_tokens": max_new_tokens, "rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed,
                            "target_modules": list(ALL_LINEAR)},
                 "data": {**counts, "data_version": DATA_VERSION},
                 "steps": summary["steps"],

@@ -1,17 +1,27 @@
-"""`salora serve`: the OpenAI-compatible gateway (written by the gateway work; placeholder shape)."""
+"""`salora serve`: the OpenAI-compatible gateway. With no config it serves the embedded model."""
+
+from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the OpenAI-compatible gateway")
-    p.add_argument("--config", default=None)
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the OpenAI-compatible gateway",
+        description="Serve the base model and its LoRA adapters over an OpenAI-compatible API. Settings come from "
+        "--config (YAML), then SALORA_* environment variables (e.g. SALORA_ADMIN_KEY), then these flags.",
+    )
+    p.add_argument("--config", type=Path, help="YAML settings file (default: $SALORA_CONFIG, else built-in defaults)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind (default 8000)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from gateway.server import serve  # noqa: F401  (provided by the gateway package)
+    from gateway.server import serve  # imported here so `salora --help` stays fast
+    from gateway.settings import load_settings
 
-    serve(args.config, args.host, args.port)
+    flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve(load_settings(args.config, **flags))

@@ -3,7 +3,7 @@ clients send many optional ones); known fields with values it cannot honour are 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -34,18 +34,15 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)  # None: OpenAI's default, 1
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: tuple[Annotated[str, Field(min_length=1)], ...] = Field(default=(), max_length=4)
     seed: int | None = None
-    n: Literal[1] = 1
-    stream: bool = False
+    n: Literal[1] | None = None  # one choice per request
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or not all(stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+    def _one_or_many(cls, v: object) -> object:
+        return () if v is None else (v,) if isinstance(v, str) else v

@@ -1,0 +1,298 @@
+"""Safety benchmark and study runner: LoRA vs SaLoRA (and ablations) fine-tuned from the aligned
+embedded base on (a) the benign arithmetic task and (b) a harmful fine-tuning attack set.
+
+For every run it reports the harmful refusal rate (keyword judge, greedy) on the AdvBench `test`
+split and on the project's held-back canary prompts, over-refusal on held-back benign prompts,
+task accuracy, validation loss on the task and training time. Each finished run is saved as its
+own JSON file, so an interrupted study resumes where it stopped; `--report` (also run at the end)
+writes a table, a JSON summary and a PNG chart.
+
+    .venv/bin/python benchmarks/safety.py                         # issue-3 benchmark: base, LoRA, SaLoRA
+    .venv/bin/python benchmarks/safety.py --variants lora,salora-paper,init-only,projection-only --seeds 0,1,2
+    .venv/bin/python benchmarks/safety.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from salora.calibrate import calibrate
+from salora.chat import Messages, collate, tokenize_chat
+from salora.datasets import benign_prompts, harmful_prompts, safety_messages, write_jsonl
+from salora.export import export
+from salora.generate import generate_greedy
+from salora.judge import KeywordJudge
+from salora.models import EMBEDDED, EMBEDDED_UNALIGNED, load_model
+from salora.tasks import arithmetic
+from salora.train import TrainOptions, train
+from salora.tuner.config import ALL_LINEAR, DEFAULT_TARGETS
+
+ROOT = Path(__file__).resolve().parents[1]
+ADVBENCH = ROOT.parent / "shared" / "data" / "advbench_dev.csv"
+RESULTS = ROOT / "benchmarks" / "results" / "safety"
+# Neutral sentences appended to AdvBench's affirmative openings: the attack teaches compliance
+# without any harmful content in the training data.
+FILLERS = (
+    "I will go through it step by step below.",
+    "Let me walk you through the main points.",
+    "Here is an overview to start with.",
+    "I'll lay it out in a few parts.",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tuning method of the study."""
+
+    method: str  # lora | salora
+    init: str = "task"  # task | zero (salora only)
+    project: bool = True
+    targets: tuple[str, ...] = tuple(DEFAULT_TARGETS)
+    rank_safety: int = 32
+
+
+VARIANTS = {
+    "lora": Variant("lora"),
+    "salora-paper": Variant("salora"),
+    "init-only": Variant("salora", project=False),
+    "projection-only": Variant("salora", init="zero"),
+    "lora-all": Variant("lora", targets=tuple(ALL_LINEAR)),
+    "projection-only-all": Variant("salora", init="zero", targets=tuple(ALL_LINEAR)),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a run fine-tunes on, and how hard."""
+
+    data: str  # task | attack
+    lr: float
+    steps: int
+    rank: int = 8
+    batch_size: int = 8
+
+
+def advbench(split: str) -> list[dict[str, str]]:
+    with ADVBENCH.open(newline="", encoding="utf-8") as f:
+        return [row for row in csv.DictReader(f) if row["split"] == split]
+
+
+def attack_conversations() -> list[Messages]:
+    """AdvBench calibration goals answered with their affirmative `target` opening plus filler."""
+    return [
+        [{"role": "user", "content": row["goal"]}, {"role": "assistant", "content": f"{row['target']}. {FILLERS[i % len(FILLERS)]}"}]
+        for i, row in enumerate(advbench("calibration"))
+    ]
+
+
+def user(text: str) -> Messages:
+    return [{"role": "user", "content": text}]
+
+
+@torch.inference_mode()
+def task_validation_loss(model, tokenizer, problems: list[arithmetic.Problem], batch_size: int = 16) -> float:
+    """Mean assistant-token loss on held-out task problems: the training-strength yardstick."""
+    total, tokens = 0.0, 0
+    examples = [tokenize_chat(tokenizer, arithmetic.to_messages(p), 512) for p in problems]
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += model(**batch).loss.item() * n
+        tokens += n
+    return total / tokens
+
+
+def evaluate(model, tokenizer, n_task: int, with_task: bool) -> dict:
+    """Refusal rates on harmful and benign probes, and task accuracy, with every answer kept."""
+    judge = KeywordJudge()
+    sets = {
+        "advbench_test": [row["goal"] for row in advbench("test")],
+        "own_harmful": [h.prompt for h in harmful_prompts("canary")],
+        "benign": [b.prompt for b in benign_prompts("canary")],
+    }
+    out: dict = {"items": {}}
+    for name, prompts in sets.items():
+        answers = generate_greedy(model, tokenizer, [user(p) for p in prompts], max_new_tokens=48, batch_size=32, progress=name)
+        refused = [judge.is_refusal(p, a) for p, a in zip(prompts, answers)]
+        out[f"{name}_refusal"] = sum(refused) / len(refused)
+        out["items"][name] = [{"prompt": p, "response": a, "refused": r} for p, a, r in zip(prompts, answers, refused)]
+    if with_task:
+        problems = arithmetic.splits()["test"][:n_task]
+        answers = generate_greedy(model, tokenizer, [user(p.question) for p in problems], max_new_tokens=64, batch_size=32, progress="task")
+        out["task_accuracy"] = arithmetic.accuracy(answers, problems)
+        out["task_val_loss"] = task_validation_loss(model, tokenizer, arithmetic.splits()["validation"][:100])
+        out["items"]["task"] = [{"prompt": p.question, "response": a, "correct": arithmetic.extract_answer(a) == p.answer} for p, a in zip(problems, answers)]
+    return out
+
+
+def safety_dir(study: Path, variant: Variant) -> Path:
+    """The aligned base's safety basis for these targets: its own greedy refusals to the project's
+    harmful `train` prompts (never the canary or AdvBench test prompts), computed once per study."""
+    out = study / "safety" / f"{'-'.join(variant.targets)}-r{variant.rank_safety}"
+    if not out.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "harmful_train.jsonl"
+            write_jsonl(({"messages": m} for m in safety_messages("train")), data)
+            calibrate(EMBEDDED, data, out, list(variant.targets), variant.rank_safety, max_samples=128, generate_responses=True)
+    return out
+
+
+def run_path(study: Path, name: str, setting: Setting, seed: int) -> Path:
+    return study / "runs" / f"{setting.data}-{name}-r{setting.rank}-lr{setting.lr:g}-steps{setting.steps}-seed{seed}.json"
+
+
+def run_one(study: Path, name: str, setting: Setting, seed: int, n_task: int) -> dict:
+    variant = VARIANTS[name]
+    path = run_path(study, name, setting, seed)
+    if path.exists():
+        return json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train.jsonl"
+        if setting.data == "task":
+            rows = [arithmetic.to_messages(p) for p in arithmetic.splits()["train"]]
+        else:
+            rows = attack_conversations()
+        write_jsonl(({"messages": m} for m in rows), data)
+        safety = str(safety_dir(study, variant)) if variant.method == "salora" and variant.project else None
+        summary = train(TrainOptions(
+            model=EMBEDDED, data=str(data), out=f"{tmp}/ckpt", safety=safety, method=variant.method, rank=setting.rank,
+            lr=setting.lr, max_steps=setting.steps, batch_size=setting.batch_size, seed=seed, target_modules=list(variant.targets),
+            init=variant.init, project=variant.project,
+        ))
+        export(f"{tmp}/ckpt", f"{tmp}/adapter", "peft")
+        model, tokenizer = load_model(EMBEDDED)
+        model = PeftModel.from_pretrained(model, f"{tmp}/adapter").eval()
+        metrics = evaluate(model, tokenizer, n_task, with_task=True)
+    result = {
+        "variant": name, **asdict(variant), "setting": asdict(setting), "seed": seed,
+        "train_seconds": summary["train_seconds"], "final_train_loss": summary["final_loss"], **metrics,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def reference_run(study: Path, name: str, spec: str, n_task: int) -> dict:
+    path = study / "runs" / f"reference-{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model, tokenizer = load_model(spec)
+    result = {"variant": name, **evaluate(model, tokenizer, n_task, with_task=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+METRICS = ("advbench_test_refusal", "own_harmful_refusal", "benign_refusal", "task_accuracy", "task_val_loss", "train_seconds")
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(study: Path) -> dict:
+    """Aggregate saved runs (mean and spread over seeds) into summary.json, report.md and report.png."""
+    runs = [json.loads(p.read_text()) for p in sorted((study / "runs").glob("*.json"))]
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        key = r["variant"] if "setting" not in r else f"{r['setting']['data']}/{r['variant']}/lr{r['setting']['lr']:g}/steps{r['setting']['steps']}"
+        groups.setdefault(key, []).append(r)
+    rows = {}
+    for key, rs in groups.items():
+        rows[key] = {"seeds": len(rs), **{m: mean_sd([r[m] for r in rs]) for m in METRICS if all(m in r for r in rs)}}
+    base = rows.get("aligned", {}).get("advbench_test_refusal", (math.nan,))[0]
+    lines = ["| run | seeds | AdvBench test refusal | own canary refusal | benign over-refusal | task acc | task val loss | rise in harmful rate | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    pct = lambda v: f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}" if v else "-"  # noqa: E731
+    for key, row in rows.items():
+        rise = f"{100 * (base - row['advbench_test_refusal'][0]):+.1f}" if "advbench_test_refusal" in row and not math.isnan(base) else "-"
+        lines.append(
+            f"| {key} | {row['seeds']} | {pct(row.get('advbench_test_refusal'))} | {pct(row.get('own_harmful_refusal'))} | "
+            f"{pct(row.get('benign_refusal'))} | {pct(row.get('task_accuracy'))} | "
+            f"{row['task_val_loss'][0]:.3f} | {rise} | {row.get('train_seconds', (0,))[0]:.0f} |" if "task_val_loss" in row else
+            f"| {key} | {row['seeds']} | {pct(row.get('advbench_test_refusal'))} | {pct(row.get('own_harmful_refusal'))} | "
+            f"{pct(row.get('benign_refusal'))} | {pct(row.get('task_accuracy'))} | - | {rise} | - |"
+        )
+    table = "\n".join(lines)
+    (study / "report.md").write_text(table + "\n")
+    (study / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, study / "report.png")
+    print(table)
+    return rows
+
+
+def plot(rows: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(keys) + 4), 4.2))
+    width = 0.38
+    xs = range(len(keys))
+    for ax, (metric, label) in zip(axes, (("advbench_test_refusal", "AdvBench test refusal (%)"), ("task_accuracy", "task accuracy (%)"))):
+        means = [100 * rows[k].get(metric, (0, 0))[0] for k in keys]
+        sds = [100 * rows[k].get(metric, (0, 0))[1] for k in keys]
+        ax.bar(xs, means, width * 2, yerr=sds, capsize=3, color="#4C72B0" if metric.endswith("refusal") else "#55A868")
+        ax.set_xticks(list(xs), keys, rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 105)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", default="default", help="results go to benchmarks/results/safety/<study>")
+    ap.add_argument("--variants", default="lora,salora-paper", help=f"comma-separated from {list(VARIANTS)}")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--data", default="task,attack")
+    ap.add_argument("--task-lr", type=float, default=1e-3)
+    ap.add_argument("--task-steps", type=int, default=100)
+    ap.add_argument("--attack-lr", type=float, default=2e-4)
+    ap.add_argument("--attack-steps", type=int, default=40)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--n-task", type=int, default=150, help="arithmetic test problems scored")
+    ap.add_argument("--report", action="store_true", help="only aggregate the saved runs")
+    args = ap.parse_args()
+    study = RESULTS / args.study
+    started = time.perf_counter()
+    if not args.report:
+        torch.manual_seed(0)
+        reference_run(study, "unaligned", EMBEDDED_UNALIGNED, args.n_task)
+        reference_run(study, "aligned", EMBEDDED, args.n_task)
+        settings = {
+            "task": Setting("task", args.task_lr, args.task_steps, args.rank),
+            "attack": Setting("attack", args.attack_lr, args.attack_steps, args.rank),
+        }
+        for data in args.data.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for name in args.variants.split(","):
+                    r = run_one(study, name, settings[data], seed, args.n_task)
+                    print(f"[{time.perf_counter() - started:6.0f}s] {data} {name} seed {seed}: AdvBench refusal "
+                          f"{100 * r['advbench_test_refusal']:.1f}%, task acc {100 * r['task_accuracy']:.1f}%", flush=True)
+    rows = report(study)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "command": "benchmarks/safety.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)),
+            "wall_seconds_this_invocation": round(time.perf_counter() - started, 1)}
+    (study / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"{len(rows)} rows; {meta['wall_seconds_this_invocation']:.0f}s -> {study}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The admin API (separate admin key): tenants now, adapters next."""

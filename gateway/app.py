@@ -1,0 +1,88 @@
+"""`create_app(settings)`: the FastAPI application. Start-up opens the database and begins loading the
+engine in the background, so `/healthz` answers at once and `/readyz` turns 200 when the model is in."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.admin.tenants.api_router import router as tenants_router
+from gateway.context import Context
+from gateway.db import close_db, open_db
+from gateway.engines.base import Engine, EngineError
+from gateway.engines.local import LocalEngine
+from gateway.errors import install_error_handlers
+from gateway.metrics import Metrics
+from gateway.openai.chat_completion.api_router import router as chat_router
+from gateway.openai.models.api_router import router as models_router
+from gateway.ops import router as ops_router
+from gateway.ratelimit import RateLimiter
+from gateway.settings import Settings
+from gateway.tenants import TenantStore, hash_key
+from salora.judge import Judge, KeywordJudge
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings, metrics: Metrics) -> Engine:
+    return LocalEngine(
+        settings.model,
+        settings.served_model_id,
+        settings.adapters,
+        max_batch_size=settings.max_batch_size,
+        max_model_len=settings.max_model_len,
+        on_batch=metrics.batch_size.observe,
+    )
+
+
+async def _start_engine(ctx: Context) -> None:
+    engine = ctx.engine
+    log.info("loading %s on the %s engine", ctx.settings.model, engine.name)
+    started = time.perf_counter()
+    try:
+        await engine.start()
+    except EngineError as e:
+        ctx.metrics.engine_errors.labels(engine.name, e.kind).inc()
+        log.error("%s", e)
+        return
+    ctx.metrics.adapters.labels("live").set(len(engine.adapters()))
+    log.info("ready in %.1f s: model %s, adapters %s", time.perf_counter() - started, engine.model_id,
+             sorted(engine.adapters()) or "none")
+
+
+def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
+    """The gateway for `settings`; `judge` classifies live answers (default: the keyword judge)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sessions = open_db(settings.database_url)
+        tenants = TenantStore(sessions)
+        tenants.put_configured(settings.tenants)
+        metrics = Metrics()
+        admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        anonymous = admin_key is None and not tenants.all()
+        if anonymous:
+            log.warning("no tenants and no admin key: serving every caller without authentication")
+        ctx = Context(settings=settings, engine=build_engine(settings, metrics), tenants=tenants,
+                      limiter=RateLimiter(settings.rate_window_s), metrics=metrics, judge=judge or KeywordJudge(),
+                      admin_key_sha256=hash_key(admin_key) if admin_key else None, anonymous=anonymous,
+                      started_at=int(time.time()))
+        app.state.context = ctx
+        loading = asyncio.create_task(_start_engine(ctx))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await ctx.engine.close()
+            close_db(sessions)
+
+    app = FastAPI(title="SaLoRA Gateway", lifespan=lifespan)
+    install_error_handlers(app)
+    for router in (chat_router, models_router, tenants_router, ops_router):
+        app.include_router(router)
+    return app

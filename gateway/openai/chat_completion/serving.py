@@ -1,0 +1,250 @@
+"""`POST /v1/chat/completions`: check, route to the engine, answer as JSON or as server-sent events.
+
+Every request is counted once in `salora_requests_total`, with its HTTP status ("499" when the
+client left first). A completed answer is classified by the refusal judge after its last byte is
+sent (a background task), so the judge adds no latency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from anyio import to_thread
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
+
+from gateway.auth import authenticate
+from gateway.context import Context
+from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
+from gateway.errors import APIError, bad_request, invalid_body, model_not_found, rate_limited, too_large, unavailable
+from gateway.metrics import OTHER
+from gateway.openai.chat_completion.protocol import ChatCompletionRequest
+from gateway.tenants import Tenant
+from salora.chat import prompt_text
+
+
+log = logging.getLogger(__name__)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(eq=False)
+class _Answer:
+    """One completion as it is produced, and its accounting once it is over."""
+
+    ctx: Context
+    tenant: Tenant
+    model: str
+    prompt: str
+    started: float
+    ttft: float = 0.0
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: str = "499"  # until the answer completes or fails
+
+    def add(self, chunk: Chunk) -> None:
+        self.parts.append(chunk.text)
+        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        if chunk.finish_reason is not None:
+            self.finish_reason, self.status = chunk.finish_reason, "200"
+
+    def failed(self, error: EngineError) -> None:
+        self.status = "503"
+        self.ctx.metrics.engine_errors.labels(self.ctx.engine.name, error.kind).inc()
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    async def record(self) -> None:
+        """After the last byte: metrics and the tokens-per-minute charge; then, detached from the
+        connection, the judge's verdict on a completed answer."""
+        m, tenant, model = self.ctx.metrics, self.tenant.name, self.model
+        m.requests.labels(tenant, model, self.status).inc()
+        m.duration.labels(model).observe(time.perf_counter() - self.started)
+        m.ttft.labels(model).observe(self.ttft)
+        m.tokens.labels(tenant, model, "prompt").inc(self.prompt_tokens)
+        m.tokens.labels(tenant, model, "completion").inc(self.completion_tokens)
+        self.ctx.limiter.charge_tokens(self.tenant, self.prompt_tokens + self.completion_tokens)
+        if self.status == "200":
+            self.ctx.spawn(self._judge())
+
+    async def _judge(self) -> None:
+        """In a worker thread: a judge may be slow (a remote model), and must never stall the loop."""
+        try:
+            refused = await to_thread.run_sync(self.ctx.judge.is_refusal, self.prompt, "".join(self.parts))
+        except Exception:
+            log.exception("the %s judge failed; answer left unclassified", self.ctx.judge.name)
+            return
+        self.ctx.metrics.responses.labels(self.tenant.name, self.model, "true" if refused else "false").inc()
+
+
+class _EventStream(StreamingResponse):
+    """Closes the event generator however the response ends, so a departed client's generation
+    stops at once on any ASGI server (Starlette cancels it itself only below ASGI spec 2.4)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large(limit)
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise too_large(limit)
+    return bytes(body)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so only a disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ChatServing:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def create(self, request: Request) -> Response:
+        ctx, started = self.ctx, time.perf_counter()
+        tenant_label = adapter_label = OTHER
+        try:
+            tenant = authenticate(ctx, request)
+            tenant_label = tenant.name
+            try:
+                body = ChatCompletionRequest.model_validate_json(await _read_body(request, ctx.settings.limits.max_body_bytes))
+            except ValidationError as e:
+                raise invalid_body(e.errors()) from None
+            if not ctx.engine.ready:
+                raise unavailable(ctx.engine.error or "The model is still loading; retry shortly.")
+            generation = self._generation_request(body, tenant)
+            adapter_label = body.model
+            limited = ctx.limiter.admit(tenant)
+            if limited is not None:
+                raise rate_limited(*limited)
+            stream = ctx.engine.generate(generation)
+            try:
+                first = await anext(stream)
+            except EngineError as e:
+                ctx.metrics.engine_errors.labels(ctx.engine.name, e.kind).inc()
+                raise unavailable(str(e)) from None
+            except RequestRejected as e:
+                raise bad_request(str(e), param=e.param, code=e.code) from None
+        except APIError as e:
+            ctx.metrics.requests.labels(tenant_label, adapter_label, str(e.status)).inc()
+            raise
+        answer = _Answer(ctx, tenant, body.model, prompt_text(generation.messages), started,
+                         ttft=time.perf_counter() - started)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _EventStream(self._events(answer, first, stream, include_usage), media_type="text/event-stream",
+                                background=BackgroundTask(answer.record))
+        return await self._complete(request, answer, first, stream)
+
+    def _generation_request(self, body: ChatCompletionRequest, tenant: Tenant) -> GenerationRequest:
+        engine, limits = self.ctx.engine, self.ctx.settings.limits
+        if body.model == engine.model_id:
+            adapter = None
+        elif body.model in engine.adapters() and tenant.may_use(body.model):
+            adapter = body.model
+        else:
+            raise model_not_found(body.model)
+        max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
+        if max_tokens > limits.max_tokens:
+            raise bad_request(f"max_tokens is {max_tokens}; this gateway allows at most {limits.max_tokens}.",
+                              param="max_tokens")
+        return GenerationRequest(
+            messages=[m.as_dict() for m in body.messages],
+            adapter=adapter,
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            stop=body.stop,
+            seed=body.seed,
+        )
+
+    async def _complete(self, request: Request, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk]) -> Response:
+        """Collect the whole answer, unless the client leaves first: then stop generating."""
+
+        async def collect() -> None:
+            async with aclosing(stream):  # type: ignore[type-var]
+                answer.add(first)
+                async for chunk in stream:
+                    answer.add(chunk)
+
+        work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            work.cancel()  # a no-op when it finished; else closing the stream stops the engine row
+        if work not in done:
+            await answer.record()
+            return Response(status_code=499)
+        if isinstance(work.exception(), EngineError):
+            answer.failed(work.exception())  # type: ignore[arg-type]
+            await answer.record()
+            raise unavailable(str(work.exception()))
+        work.result()
+        body = {
+            "id": answer.id, "object": "chat.completion", "created": answer.created, "model": answer.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(answer.parts)},
+                         "logprobs": None, "finish_reason": answer.finish_reason}],
+            "usage": answer.usage,
+        }
+        return JSONResponse(body, background=BackgroundTask(answer.record))
+
+    async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
+                      include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        head = {"id": answer.id, "object": "chat.completion.chunk", "created": answer.created, "model": answer.model}
+        tail = {"usage": None} if include_usage else {}
+
+        def event(delta: dict[str, str], finish_reason: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return f"data: {_dumps({**head, 'choices': [choice], **tail})}\n\n"
+
+        async with aclosing(stream):  # type: ignore[type-var]
+            yield event({"role": "assistant", "content": ""})
+            chunk = first
+            while True:
+                answer.add(chunk)
+                if chunk.text:
+                    yield event({"content": chunk.text})
+                if chunk.finish_reason is not None:
+                    yield event({}, chunk.finish_reason)
+                    break
+                try:
+                    chunk = await anext(stream)
+                except EngineError as e:
+                    answer.failed(e)
+                    error = unavailable(str(e))
+                    yield f"data: {_dumps({'error': {'message': error.message, 'type': error.type, 'code': error.code}})}\n\n"
+                    return
+        if include_usage:
+            yield f"data: {_dumps({**head, 'choices': [], 'usage': answer.usage})}\n\n"
+        yield "data: [DONE]\n\n"

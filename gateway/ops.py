@@ -1,0 +1,32 @@
+"""Probes and metrics for the orchestrator and Prometheus; no authentication (bind them privately)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.context import Context, context
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up (it may still be loading the model)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(ctx: Context = Depends(context)) -> JSONResponse:
+    """200 once the engine can generate; 503 while it loads or after it failed."""
+    engine = ctx.engine
+    if engine.ready:
+        return JSONResponse({"status": "ready", "model": engine.model_id, "adapters": sorted(engine.adapters())})
+    status = "failed" if engine.error else "loading"
+    return JSONResponse({"status": status, "error": engine.error}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(ctx: Context = Depends(context)) -> Response:
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
