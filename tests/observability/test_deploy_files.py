@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from salora.models import EMBEDDED_ID
 from tests.observability.dashboards import (
     DASHBOARDS,
     DEPLOY,
@@ -126,6 +127,8 @@ def test_dashboard_panels_and_variables() -> None:
                 assert not unknown, f"{panel['title']}: undefined variables {unknown}"
             if panel["title"].startswith("Refusal rate"):
                 assert all("$tenant" in t["expr"] and "$adapter" in t["expr"] for t in panel["targets"])
+        # The base model's id defaults to the embedded model's, the gateway's default.
+        assert defined["base"]["query"] == defined["base"]["current"]["value"] == EMBEDDED_ID
     missing = REQUIRED_PANELS - titles
     assert not missing, f"panels missing: {sorted(missing)}"
 

@@ -1,10 +1,10 @@
 """A real Prometheus scraping a live gateway: the dashboards and alerts against real data.
 
-The gateway (the gateway tests' tiny random Llama and their two LoRA adapters, here tenants `acme`
-and `globex`) runs in this process under uvicorn (fixtures of tests/gateway/conftest.py); Prometheus 2.x (the Debian package) scrapes it every second and loads
-the shipped alert rules. A known mix of harmful and benign requests goes through both adapters and
-the base, streamed and not; then every PromQL expression of every dashboard panel is evaluated
-through Prometheus's HTTP API.
+The gateway (the tiny random Llama and two LoRA adapters of tests/gateway/conftest.py; tenants
+`acme` and `globex`) runs in this process under uvicorn; Prometheus 2.x (the Debian package) scrapes
+it every second and loads the shipped alert rules. A known mix of harmful and benign requests goes
+through both adapters and the base, streamed and not; then every PromQL expression of every
+dashboard panel is evaluated through Prometheus's HTTP API.
 
 Exact rates. A tiny random model does not refuse anything, so the gateway gets a deterministic judge
 (`create_app(settings, judge=...)`): an answer is a refusal exactly when its prompt is one of
@@ -237,7 +237,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, gateway_model_dir: Path, 
                          ("acme", FIRST, FAULT, True, 503)]
             asyncio.run(send_all(url, measured))
             done = settle(answers=len(warm) - 1 + len(answers), requests=len(warm) + len(measured))
-            t1 = wait_for(lambda: (s := scrapes_after(prom, done)) and len(s) >= 2 and s[-1], "two scrapes after the traffic")
+            t1 = wait_for(lambda: (s := scrapes_after(prom, done)) and len(s) >= 2 and s[-1],
+                          "two scrapes after the traffic")
             page = metrics()
             exported, declared = gateway_families(page)
             s = Scenario(prom, base_id, t0, t1, answers, exported, declared, page)
@@ -311,10 +312,12 @@ def test_refusal_rate_panels_show_the_known_mix(scenario: Scenario, target: Targ
 def test_known_mix_rates_per_adapter_and_tenant(scenario: Scenario) -> None:
     """The numbers from the module docstring, spelled out (guards the generic check above)."""
     panel = next(t for t in REFUSAL_TARGETS if t.panel == "Refusal rate per adapter")
-    got = {s["metric"]["adapter"]: float(s["value"][1]) for s in scenario.query(substitute(panel.expr, scenario.values))}
+    result = scenario.query(substitute(panel.expr, scenario.values))
+    got = {s["metric"]["adapter"]: float(s["value"][1]) for s in result}
     assert got == pytest.approx({FIRST: 4 / 12, SECOND: 6 / 9, scenario.base_id: 1 / 2}, abs=1e-9)
     panel = next(t for t in REFUSAL_TARGETS if t.panel == "Refusal rate per tenant")
-    got = {s["metric"]["tenant"]: float(s["value"][1]) for s in scenario.query(substitute(panel.expr, scenario.values))}
+    result = scenario.query(substitute(panel.expr, scenario.values))
+    got = {s["metric"]["tenant"]: float(s["value"][1]) for s in result}
     assert got == pytest.approx({"acme": 6 / 14, "globex": 5 / 9}, abs=1e-9)
 
 
@@ -337,7 +340,8 @@ def test_label_values_are_bounded(scenario: Scenario) -> None:
 
 def test_shipped_rules_load_and_evaluate(scenario: Scenario) -> None:
     """Every shipped recording and alerting rule is loaded by a real Prometheus and evaluates without error."""
-    shipped = [r.get("record") or r.get("alert") for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    shipped = [r.get("record") or r.get("alert") for g in groups for r in g["rules"]]
     loaded = {}
     for group in scenario.prom.api("rules")["groups"]:
         for rule in group["rules"]:
