@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench
+.PHONY: install test-deps serve test
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Services the tests start themselves: Prometheus and promtool (Debian package; the tests run their
+# own Prometheus on a free port, never the packaged service).
+test-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
 serve: install
 	$(VENV)/bin/salora serve
 
-test: install
+test: install test-deps
 	$(PY) -m pytest -q
