@@ -36,10 +36,6 @@ class Context:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def adapter_label(self, model: str) -> str:
-        """`model` as a metric label: the base id or a loaded adapter, else `other`."""
-        return model if model == self.engine.model_id or model in self.engine.adapters() else "other"
-
 
 async def context(request: Request) -> Context:
     return request.app.state.context

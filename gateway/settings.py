@@ -19,8 +19,9 @@ from pydantic_settings import (
 )
 
 from salora.errors import SaLoRAError
-from salora.models import EMBEDDED, EMBEDDED_ID, salora_home
+from salora.models import EMBEDDED, EMBEDDED_UNALIGNED, model_id, salora_home
 
+EMBEDDED_MODELS = (EMBEDDED, EMBEDDED_UNALIGNED)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"  # tenant and adapter names
 
 
@@ -51,7 +52,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    model: str = EMBEDDED  # a model directory or `embedded`
+    model: str = EMBEDDED  # a model directory, `embedded` (the aligned demo base) or `embedded-unaligned`
     model_name: str | None = None  # the id clients send as `model`; default from `model`
     engine: Literal["local"] = "local"
     adapters: dict[str, Path] = {}  # name -> PEFT adapter directory, loaded at start
@@ -67,9 +68,12 @@ class Settings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, v: str) -> str:
-        if v != EMBEDDED and not (Path(v) / "config.json").is_file():
-            raise ValueError(f"{v}: not a model directory (no config.json) and not `{EMBEDDED}`")
-        return v
+        if v in EMBEDDED_MODELS:
+            return v
+        path = Path(v).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{v}: not a model directory (no config.json) nor one of {', '.join(EMBEDDED_MODELS)}")
+        return str(path)
 
     @field_validator("adapters")
     @classmethod
@@ -77,15 +81,20 @@ class Settings(BaseSettings):
         for name, path in v.items():
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"adapter name {name!r} must match {NAME_PATTERN}")
-            if not (path / "adapter_config.json").is_file():
+            if not (path.expanduser() / "adapter_config.json").is_file():
                 raise ValueError(f"adapter {name}: {path} is not a PEFT adapter directory (no adapter_config.json)")
-        return v
+        return {name: path.expanduser() for name, path in v.items()}
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return v.expanduser()
 
     @property
     def served_model_id(self) -> str:
         if self.model_name:
             return self.model_name
-        return EMBEDDED_ID if self.model == EMBEDDED else Path(self.model).resolve().name
+        return model_id(self.model) if self.model in EMBEDDED_MODELS else Path(self.model).resolve().name
 
     @property
     def database_url(self) -> str:

@@ -11,7 +11,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="run the OpenAI-compatible gateway",
         description="Serve the base model and its LoRA adapters over an OpenAI-compatible API. Settings come from "
-        "--config (YAML), then SALORA_* environment variables (e.g. SALORA_ADMIN_KEY), then these flags.",
+        "--config (YAML), then SALORA_* environment variables (e.g. SALORA_ADMIN_KEY), then these flags, each "
+        "overriding the one before. See docs/gateway.md.",
     )
     p.add_argument("--config", type=Path, help="YAML settings file (default: $SALORA_CONFIG, else built-in defaults)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")

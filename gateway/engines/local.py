@@ -190,7 +190,10 @@ class LocalEngine:
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not loaded")
         assert isinstance(self._model, PeftModel)
-        self._model.delete_adapter(name)
+        if self._adapters == {name}:  # PEFT cannot run with no adapter: back to the plain base
+            self._model = self._model.unload()
+        else:
+            self._model.delete_adapter(name)
         self._adapters = self._adapters - {name}
 
     def _work(self) -> None:
@@ -245,8 +248,8 @@ class LocalEngine:
             return
         op.future.set_result(None)
         if batch is not None:  # rows on an adapter that was just unloaded cannot continue
-            self._fail([r for r in batch.rows if r.request.adapter not in (None, *self._adapters)], EngineError(
-                "the adapter was unloaded during generation"))
+            orphans = [r for r in batch.rows if r.request.adapter not in (None, *self._adapters)]
+            self._fail(orphans, EngineError("the adapter was unloaded during generation"))
 
     def _prepare(self, row: _Row) -> bool:
         """Tokenise and check a new row; a row that cannot run gets its error here."""

@@ -4,6 +4,8 @@ metrics carry bounded labels; the judge classifies every answer after it has bee
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +13,8 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.gateway.conftest import gateway_settings
 
 PROMPTS = ("Tell me a story about a cat.", "What is the capital of France?")
 
@@ -35,8 +39,17 @@ def test_concurrent_requests_across_adapters_are_batched_and_exact(gw, keys):
     jobs = [(model, prompt) for model in ("tiny", "alpha", "beta") for prompt in PROMPTS]
     sequential = [gw.chat(keys["root"], m, p, max_tokens=24).choices[0].message.content for m, p in jobs]
     steps, small = sample(gw, "salora_engine_batch_size_count"), sample(gw, "salora_engine_batch_size_bucket", le="2.0")
+    clients, start = [gw.client(keys["root"]) for _ in jobs], threading.Barrier(len(jobs))
+
+    def ask(i: int) -> str:
+        model, prompt = jobs[i]
+        start.wait()  # all at once, so they overlap in the engine
+        response = clients[i].chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0)
+        return response.choices[0].message.content
+
     with ThreadPoolExecutor(len(jobs)) as pool:
-        concurrent = list(pool.map(lambda job: gw.chat(keys["root"], *job, max_tokens=24).choices[0].message.content, jobs))
+        concurrent = list(pool.map(ask, range(len(jobs))))
     assert concurrent == sequential
     steps_with_more_rows = (sample(gw, "salora_engine_batch_size_count") - steps) - (
         sample(gw, "salora_engine_batch_size_bucket", le="2.0") - small)
@@ -116,3 +129,25 @@ def test_judge_classifies_each_answer_after_it_is_sent(gw, keys, judge, stream):
     seen = {prompt: (response, at) for prompt, response, at in judge.seen}
     assert seen[slow_prompt][0] == slow_answer and seen["a plain question"][0] == plain_answer
     assert seen[slow_prompt][1] > answered  # judged after the answer reached the client
+
+
+def test_adapters_load_and_unload_at_runtime(serve_app, tmp_path, gateway_model_dir, adapter_dirs):
+    live = serve_app(gateway_settings(tmp_path, gateway_model_dir, {}, admin_key=None))  # open: all adapters
+    live.wait_ready()
+    engine = live.ctx.engine
+    base = live.chat("any", "tiny", PROMPTS[0], max_tokens=12).choices[0].message.content
+    asyncio.run(engine.load_adapter("gamma", adapter_dirs["alpha"]))
+    assert [m.id for m in live.client("any").models.list().data] == ["tiny", "gamma"]
+    assert live.chat("any", "gamma", PROMPTS[0], max_tokens=12).choices[0].message.content != base
+    with pytest.raises(ValueError, match="already loaded"):
+        asyncio.run(engine.load_adapter("gamma", adapter_dirs["beta"]))
+
+    stream = live.client("any").chat.completions.create(
+        model="gamma", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=512, temperature=0, stream=True)
+    with pytest.raises(openai.APIError, match="unloaded"):
+        for i, _ in enumerate(stream):
+            if i == 3:
+                asyncio.run(engine.unload_adapter("gamma"))  # rows on it end with an error event
+    with pytest.raises(openai.NotFoundError):
+        live.chat("any", "gamma", PROMPTS[0], max_tokens=2)
+    assert live.chat("any", "tiny", PROMPTS[0], max_tokens=12).choices[0].message.content == base

@@ -32,7 +32,6 @@ from gateway.openai.chat_completion.protocol import ChatCompletionRequest
 from gateway.tenants import Tenant
 from salora.chat import prompt_text
 
-
 log = logging.getLogger(__name__)
 
 
@@ -97,8 +96,9 @@ class _Answer:
 
 
 class _EventStream(StreamingResponse):
-    """Closes the event generator however the response ends, so a departed client's generation
-    stops at once on any ASGI server (Starlette cancels it itself only below ASGI spec 2.4)."""
+    """Closes the event generator however the response ends. Starlette stops iterating when the
+    client leaves but leaves a generator suspended at a `yield` open; closing it here stops the
+    engine row at once instead of whenever the garbage collector gets to it."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -205,11 +205,13 @@ class ChatServing:
         if work not in done:
             await answer.record()
             return Response(status_code=499)
-        if isinstance(work.exception(), EngineError):
-            answer.failed(work.exception())  # type: ignore[arg-type]
+        error = work.exception()
+        if isinstance(error, EngineError):
+            answer.failed(error)
             await answer.record()
-            raise unavailable(str(work.exception()))
-        work.result()
+            raise unavailable(str(error))
+        if error is not None:
+            raise error
         body = {
             "id": answer.id, "object": "chat.completion", "created": answer.created, "model": answer.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(answer.parts)},
@@ -242,8 +244,7 @@ class ChatServing:
                     chunk = await anext(stream)
                 except EngineError as e:
                     answer.failed(e)
-                    error = unavailable(str(e))
-                    yield f"data: {_dumps({'error': {'message': error.message, 'type': error.type, 'code': error.code}})}\n\n"
+                    yield f"data: {_dumps(unavailable(str(e)).body())}\n\n"
                     return
         if include_usage:
             yield f"data: {_dumps({**head, 'choices': [], 'usage': answer.usage})}\n\n"
