@@ -72,25 +72,43 @@ def record_input_moments(
     return moments
 
 
-def top_output_directions(W: torch.Tensor, xtx: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
-    """Top-`rank` right singular vectors of Y = X W^T (d_out x rank, orthonormal) and the share of
-    Y's energy they capture."""
+def output_second_moment(W: torch.Tensor, moments: Moments) -> torch.Tensor:
+    """Y^T Y / n for Y = X W^T (d_out x d_out, float64)."""
     W64 = W.detach().double()
-    gram = W64 @ xtx @ W64.T
-    eigvals, eigvecs = torch.linalg.eigh((gram + gram.T) / 2)
-    top = eigvecs[:, -rank:].flip(1)
-    total = eigvals.clamp_min(0).sum().item()
-    captured = eigvals[-rank:].clamp_min(0).sum().item() / total if total > 0 else 0.0
-    return top.to(torch.float32).contiguous(), captured
+    return W64 @ moments.xtx @ W64.T / max(moments.tokens, 1)
+
+
+def top_directions(M: torch.Tensor, rank: int | None = None, energy: float | None = None) -> tuple[torch.Tensor, float]:
+    """Leading eigenvectors of a symmetric matrix (d x r, orthonormal), `rank` of them or as many as
+    it takes to capture `energy` of its positive spectrum; returns them and the share captured."""
+    eigvals, eigvecs = torch.linalg.eigh((M + M.T) / 2)
+    eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
+    total = eigvals.sum().item()
+    if energy is not None:
+        cumulative = eigvals.cumsum(0) / total if total > 0 else torch.ones_like(eigvals)
+        rank = int((cumulative < energy).sum().item()) + 1
+    rank = min(rank or 1, M.shape[0])
+    captured = eigvals[:rank].sum().item() / total if total > 0 else 0.0
+    return eigvecs[:, :rank].to(torch.float32).contiguous(), captured
 
 
 def module_bases(
-    modules: dict[str, nn.Linear], moments: dict[str, Moments], rank: int
+    modules: dict[str, nn.Linear],
+    moments: dict[str, Moments],
+    rank: int | None,
+    energy: float | None = None,
+    contrast: dict[str, Moments] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    bases, energy = {}, {}
+    """Per module: top-variance output directions (paper), or with `contrast` the directions whose
+    energy on the safety data most exceeds that on contrast (benign) data: eigenvectors of
+    E[y y^T | refusal] - E[y y^T | benign] with positive eigenvalues."""
+    bases, captured = {}, {}
     for name, module in modules.items():
-        bases[name], energy[name] = top_output_directions(module.weight, moments[name].xtx, rank)
-    return bases, energy
+        M = output_second_moment(module.weight, moments[name])
+        if contrast is not None:
+            M = M - output_second_moment(module.weight, contrast[name])
+        bases[name], captured[name] = top_directions(M, rank, energy)
+    return bases, captured
 
 
 def check_rank(modules: dict[str, nn.Linear], rank: int, what: str) -> None:
@@ -101,18 +119,21 @@ def check_rank(modules: dict[str, nn.Linear], rank: int, what: str) -> None:
         raise SaLoRAError(f"{what} {rank} exceeds the smallest target layer dimension ({smallest})")
 
 
-def refusals_by_base(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[Messages],
-    judge: Judge,
-    max_new_tokens: int,
-) -> tuple[list[Messages], int]:
-    """Answer the prompts greedily with the base model; keep only the answers the judge calls refusals."""
+def answers_by_base(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[Messages], max_new_tokens: int, progress: str
+) -> list[Messages]:
+    """The prompts (any given answer dropped) with the base model's own greedy answers."""
     prompts = [c[:-1] if c[-1]["role"] == "assistant" else c for c in conversations]
-    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, progress="base answers")
-    kept = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers) if judge.is_refusal(prompt_text(p), a)]
-    return kept, len(prompts)
+    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, progress=progress)
+    return [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+
+
+def refusals_by_base(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[Messages], judge: Judge, max_new_tokens: int
+) -> tuple[list[Messages], int]:
+    """The base model's own answers, keeping only those the judge calls refusals."""
+    answered = answers_by_base(model, tokenizer, conversations, max_new_tokens, "base answers")
+    return [c for c in answered if judge.is_refusal(prompt_text(c), c[-1]["content"])], len(answered)
 
 
 def calibrate(
@@ -126,35 +147,55 @@ def calibrate(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     judge: Judge | None = None,
+    energy: float | None = None,
+    contrast_data: str | Path | None = None,
 ) -> dict:
-    """Compute and save the safety basis V_s for every target module (DESIGN.md section 1)."""
+    """Compute and save the safety basis V_s for every target module (DESIGN.md section 1).
+
+    `energy` picks r_s per module as the fewest directions capturing that share of the spectrum
+    (instead of a fixed `rank_safety`). `contrast_data` (benign conversations; with
+    `generate_responses`, benign prompts the model answers itself) makes the basis contrastive.
+    """
     out = Path(out)
     check_output_dir(out)
+    if energy is not None and not 0 < energy <= 1:
+        raise SaLoRAError("--energy must be in (0, 1]")
     conversations = read_chat_jsonl(data, need_assistant=not generate_responses)[:max_samples]
+    contrast = read_chat_jsonl(contrast_data, need_assistant=not generate_responses)[:max_samples] if contrast_data else None
     model, tokenizer = load_model(model_spec)
     modules = linear_modules(model, target_modules)
     check_rank(modules, rank_safety, "--rank-safety")
+    judge = judge or KeywordJudge()
     generated = None
     if generate_responses:
-        conversations, asked = refusals_by_base(model, tokenizer, conversations, judge or KeywordJudge(), max_new_tokens)
+        conversations, asked = refusals_by_base(model, tokenizer, conversations, judge, max_new_tokens)
         generated = {"prompts": asked, "refusals_kept": len(conversations)}
         if not conversations:
             raise SaLoRAError(f"the base model refused none of the {asked} prompts; give refusals in the data instead")
+        if contrast is not None:
+            contrast = answers_by_base(model, tokenizer, contrast, max_new_tokens, "contrast answers")
     moments = record_input_moments(model, tokenizer, conversations, modules, batch_size=batch_size, progress="calibrate")
     tokens = next(iter(moments.values())).tokens
     if tokens == 0:
         raise SaLoRAError(f"{data}: no assistant tokens to calibrate on")
-    bases, energy = module_bases(modules, moments, rank_safety)
+    contrast_moments = None
+    if contrast is not None:
+        contrast_moments = record_input_moments(model, tokenizer, contrast, modules, batch_size=batch_size, progress="contrast")
+    bases, captured = module_bases(modules, moments, None if energy else rank_safety, energy, contrast_moments)
     meta = {
         "base_model": model_id(model_spec),
         "base_weight_hash": weight_hash(modules),
         "module_hashes": {name: weight_hash({name: m}) for name, m in sorted(modules.items())},
         "target_modules": sorted(target_modules),
         "modules": sorted(modules),
-        "rank_safety": rank_safety,
+        "basis": "contrastive" if contrast is not None else "variance",
+        "rank_safety": rank_safety if energy is None else None,
+        "energy": energy,
+        "ranks": {name: V.shape[1] for name, V in sorted(bases.items())},
+        "contrast_sequences": len(contrast) if contrast is not None else 0,
         "sequences": len(conversations),
         "response_tokens": tokens,
-        "energy_captured": {name: round(e, 6) for name, e in sorted(energy.items())},
+        "energy_captured": {name: round(e, 6) for name, e in sorted(captured.items())},
         "generated_responses": generated,
         "data": str(data),
     }

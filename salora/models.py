@@ -128,7 +128,9 @@ def load_model(spec: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
 def model_id(spec: str | Path) -> str:
     """A human-readable id for records: the embedded models' ids, otherwise the directory path."""
-    return {EMBEDDED: EMBEDDED_ID, EMBEDDED_UNALIGNED: BASE_ID}.get(str(spec)) or str(Path(spec).resolve())
+    if str(spec) == EMBEDDED:
+        return EMBEDDED_ID if (alignment_adapter_dir() / "adapter_model.safetensors").is_file() else BASE_ID
+    return BASE_ID if str(spec) == EMBEDDED_UNALIGNED else str(Path(spec).resolve())
 
 
 def linear_modules(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:

@@ -96,7 +96,7 @@ def train(opts: TrainOptions) -> dict:
     if opts.method == "salora":
         safety = load_safety(opts.safety, modules) if opts.project else None
         task_bases = None
-        if config.init == "task":
+        if config.init in ("task", "task-scaled"):
             check_rank(modules, config.task_rank, "--task-rank")
             moments = record_input_moments(model, tokenizer, conversations[: opts.task_samples], modules, opts.max_length, progress="task basis")
             task_bases, _ = module_bases(modules, moments, config.task_rank)

@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-modules", type=csv_list, default=None, help="default: the safety basis's modules")
-    p.add_argument("--init", choices=["task", "zero"], default="task", help="SaLoRA start: task-aware (paper) or standard LoRA")
+    p.add_argument("--init", choices=["task", "task-scaled", "zero"], default="task",
+                   help="SaLoRA start: task-aware (paper), task-aware at LoRA's magnitude, or standard LoRA (zero B)")
+    p.add_argument("--preset", choices=["paper"], default=None, help="paper: task-aware init, d_s 32, alpha = rank, the basis's modules")
     p.add_argument("--no-projection", dest="project", action="store_false", help="ablation: SaLoRA init without the safety projection")
     p.add_argument("--task-rank", type=int, default=32, help="d_s, task directions for the task-aware init")
     p.add_argument("--max-length", type=int, default=512, help="tokens per conversation")
@@ -30,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from salora.train import TrainOptions, train
+
+    if args.preset == "paper":
+        args.init, args.task_rank, args.alpha, args.project = "task", 32, None, True
 
     summary = train(
         TrainOptions(

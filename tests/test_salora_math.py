@@ -141,3 +141,38 @@ def test_lowrank_projection_gradients_match_dense_reference():
     assert torch.allclose(layer.A.grad, A.grad, atol=1e-10)
     assert torch.allclose(layer.B.grad, B.grad, atol=1e-10)
     assert layer.B.grad.norm() > 0
+
+
+def test_contrastive_basis_separates_refusal_from_benign_and_energy_picks_rank():
+    from salora.calibrate import Moments
+
+    d = 6
+    linear = torch.nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(d))
+    e = torch.eye(d, dtype=torch.float64)
+    # Refusal activations: a large direction shared with benign text (e0) plus a refusal-only one (e1).
+    harmful = Moments(100 * torch.outer(e[0], e[0]) * 10 + 100 * torch.outer(e[1], e[1]), tokens=100)
+    benign = Moments(100 * torch.outer(e[0], e[0]) * 10 + 100 * torch.outer(e[2], e[2]) * 0.5, tokens=100)
+    variance, _ = module_bases({"m": linear}, {"m": harmful}, rank=1)
+    contrastive, _ = module_bases({"m": linear}, {"m": harmful}, rank=1, contrast={"m": benign})
+    assert abs(variance["m"][0, 0]) == pytest.approx(1, abs=1e-6)  # top variance is the generic direction
+    assert abs(contrastive["m"][1, 0]) == pytest.approx(1, abs=1e-6)  # contrastive finds the refusal one
+    by_energy, captured = module_bases({"m": linear}, {"m": harmful}, rank=None, energy=0.95)
+    assert by_energy["m"].shape == (d, 2) and captured["m"] == pytest.approx(1.0)
+    by_energy, captured = module_bases({"m": linear}, {"m": harmful}, rank=None, energy=0.5)
+    assert by_energy["m"].shape == (d, 1) and captured["m"] == pytest.approx(10 / 11)
+
+
+def test_task_scaled_init_keeps_directions_at_lora_magnitude():
+    from salora.tuner.layer import task_aware_init
+
+    torch.manual_seed(0)
+    W = torch.randn(24, 16) * 3
+    V_task, _ = torch.linalg.qr(torch.randn(24, 8))
+    A0, B0 = task_aware_init(W, V_task, rank=4)
+    A1, B1 = task_aware_init(W, V_task, rank=4, scaled=True)
+    assert A1.norm().item() == pytest.approx((4 / 3) ** 0.5, rel=1e-5)
+    factor = (A0.norm() / A1.norm()).item()
+    assert factor > 1.5
+    assert torch.allclose(A0, A1 * factor, atol=1e-5) and torch.allclose(B0, B1 * factor, atol=1e-4)

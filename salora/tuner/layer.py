@@ -71,10 +71,15 @@ def zero_init(d_out: int, d_in: int, rank: int, generator: torch.Generator | Non
     return A, torch.zeros(d_out, rank)
 
 
-def task_aware_init(W: torch.Tensor, V_task: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paper's start: W ~ U diag(S) V^T at rank r; B0 = V_t V_t^T U diag(sqrt S), A0 = diag(sqrt S) V^T."""
+def task_aware_init(W: torch.Tensor, V_task: torch.Tensor, rank: int, scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper's start: W ~ U diag(S) V^T at rank r; B0 = V_t V_t^T U diag(sqrt S), A0 = diag(sqrt S) V^T.
+    `scaled` divides both factors by ||A0|| / ||A_kaiming|| (A_kaiming's expected Frobenius norm is
+    sqrt(r / 3)), keeping the directions at a standard LoRA's magnitude."""
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     sqrt_s = S[:rank].sqrt()
     B0 = V_task.double() @ (V_task.double().T @ (U[:, :rank] * sqrt_s))
     A0 = sqrt_s[:, None] * Vh[:rank]
+    if scaled:
+        factor = A0.norm() / math.sqrt(rank / 3)
+        A0, B0 = A0 / factor, B0 / factor
     return A0.to(W.dtype), B0.to(W.dtype)

@@ -42,10 +42,10 @@ def inject_salora(
     for name in sorted(modules):
         W = modules[name].weight
         V = safety_bases[name].to(W.dtype) if (config.project and safety_bases is not None) else None
-        if config.init == "task":
+        if config.init in ("task", "task-scaled"):
             if task_bases is None:
                 raise ValueError("task-aware init needs task bases")
-            A0, B0 = task_aware_init(W, task_bases[name], config.rank)
+            A0, B0 = task_aware_init(W, task_bases[name], config.rank, scaled=config.init == "task-scaled")
         else:
             A0, B0 = zero_init(W.shape[0], W.shape[1], config.rank, generator)
         layers[name] = _wrap(model, name, modules[name], A0, B0, V, config.scale)
