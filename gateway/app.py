@@ -15,7 +15,7 @@ from gateway.admin.tenants.api_router import router as tenants_router
 from gateway.context import Context
 from gateway.db import close_db, open_db
 from gateway.engines.base import Engine, EngineError
-from gateway.engines.local import LocalEngine
+from gateway.engines.routing import engine_from_settings
 from gateway.errors import install_error_handlers
 from gateway.metrics import Metrics
 from gateway.openai.chat_completion.api_router import router as chat_router
@@ -30,14 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings, metrics: Metrics) -> Engine:
-    return LocalEngine(
-        settings.model,
-        settings.served_model_id,
-        settings.adapters,
-        max_batch_size=settings.max_batch_size,
-        max_model_len=settings.max_model_len,
-        on_batch=metrics.batch_size.observe,
-    )
+    """The configured engines (gateway/engines/routing.py), reporting into `metrics`."""
+    return engine_from_settings(settings, metrics.batch_size.observe,
+                                lambda engine, kind: metrics.engine_errors.labels(engine, kind).inc())
 
 
 async def _start_engine(ctx: Context) -> None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -47,6 +47,39 @@ class Limits(BaseModel):
     default_max_tokens: int = Field(default=256, gt=0)  # when a request does not say
 
 
+class VLLMConfig(BaseModel):
+    """One vLLM deployment: one or more replicas of `vllm serve` (or any OpenAI-compatible server) on
+    the same model. See docs/vllm.md."""
+
+    model_config = {"extra": "forbid"}
+
+    urls: list[str] = Field(min_length=1)  # each replica's base URL, e.g. http://vllm-0:8000
+    model: str | None = None  # the upstream's --served-model-name; default: what its /v1/models lists first
+    adapter_dir: Path | None = None  # the adapter volume shared with vLLM, as this gateway sees it; None: no adapters
+    upstream_adapter_dir: str | None = None  # the same volume as vLLM sees it; default: adapter_dir
+    max_loras: int = Field(default=4, gt=0)  # adapters kept on each replica: vLLM's --max-loras
+    api_key: SecretStr | None = None  # vLLM's --api-key
+    health_path: str = "/health"
+    health_interval_s: float = Field(default=5.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)  # the longest pause between two bytes of an answer
+    max_connections: int = Field(default=1000, gt=0)  # pooled connections to all replicas together
+    drain_timeout_s: float = Field(default=30.0, ge=0)  # how long an unload waits for requests on the adapter
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return [url.rstrip("/") for url in v]
+
+    @field_validator("adapter_dir")
+    @classmethod
+    def _expand_dir(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SALORA_", env_nested_delimiter="__", extra="forbid")
 
@@ -54,7 +87,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     model: str = EMBEDDED  # a model directory, `embedded` (the aligned demo base) or `embedded-unaligned`
     model_name: str | None = None  # the id clients send as `model`; default from `model`
-    engine: Literal["local"] = "local"
+    engine: str = "local"  # `local` (in process), `vllm` (the `vllm:` section) or a name under `engines`
+    vllm: VLLMConfig | None = None
+    engines: dict[str, VLLMConfig] = {}  # more vLLM deployments, by name, for `routes`
+    routes: dict[str, str] = {}  # model name -> engine: served whole by that engine's model (e.g. a merged SaLoRA model)
     adapters: dict[str, Path] = {}  # name -> PEFT adapter directory, loaded at start
     tenants: list[TenantConfig] = []
     admin_key: SecretStr | None = None
@@ -89,6 +125,27 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @model_validator(mode="after")
+    def _engines_known(self) -> Settings:
+        for name in self.engines:
+            if name in ("local", "vllm") or not re.match(NAME_PATTERN, name):
+                raise ValueError(f"engine name {name!r} must match {NAME_PATTERN} and not be `local` or `vllm`")
+        known = self.engine_names
+        if self.engine not in known:
+            raise ValueError(f"engine {self.engine!r} is not one of {', '.join(known)} (`vllm` needs a `vllm:` section)")
+        for model, engine in self.routes.items():
+            if not re.match(NAME_PATTERN, model):
+                raise ValueError(f"route name {model!r} must match {NAME_PATTERN}")
+            if model in self.adapters or model == self.served_model_id:
+                raise ValueError(f"route {model!r} is also the name of an adapter or of the model")
+            if engine not in known:
+                raise ValueError(f"route {model!r}: engine {engine!r} is not one of {', '.join(known)}")
+        return self
+
+    @property
+    def engine_names(self) -> list[str]:
+        return ["local", *(["vllm"] if self.vllm else []), *self.engines]
 
     @property
     def served_model_id(self) -> str:

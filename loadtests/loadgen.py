@@ -51,16 +51,17 @@ class Workload:
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (q in 0..100); NaN when empty."""
-    if not sorted_values:
-        return math.nan
+    """Nearest-rank percentile of a non-empty ascending list (q in 0..100)."""
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))]
 
 
-def _summary_ms(seconds: list[float]) -> dict[str, float]:
+def _summary_ms(seconds: list[float]) -> dict[str, float] | None:
+    """Percentiles, max and mean in ms; None when there is nothing to summarize."""
+    if not seconds:
+        return None
     values = sorted(s * 1000 for s in seconds)
     return {"p50": percentile(values, 50), "p95": percentile(values, 95), "p99": percentile(values, 99),
-            "max": values[-1] if values else math.nan, "mean": sum(values) / len(values) if values else math.nan}
+            "max": values[-1], "mean": sum(values) / len(values)}
 
 
 def summarize(outcomes: list[Outcome], lags: list[float], wall_s: float, peak_in_flight: int) -> dict[str, object]:
@@ -73,13 +74,13 @@ def summarize(outcomes: list[Outcome], lags: list[float], wall_s: float, peak_in
         "sent": len(outcomes), "ok": len(ok), "errors": sum(errors.values()), "error_kinds": dict(errors),
         "throughput_rps": len(ok) / wall_s if wall_s > 0 else 0.0, "wall_s": wall_s,
         "latency_ms": _summary_ms([o.done - o.sent for o in ok]),
-        "ttft_ms": _summary_ms(ttfts) if ttfts else None,
+        "ttft_ms": _summary_ms(ttfts),
         "send_lag_p99_ms": percentile(sorted(lag * 1000 for lag in lags), 99) if lags else 0.0,
         "peak_in_flight": peak_in_flight,
     }
 
 
-class _Run:
+class Run:
     """State shared by the requests of one run."""
 
     def __init__(self, target: Target, workload: Workload) -> None:
@@ -112,12 +113,12 @@ class _Run:
         self.pool.close()
 
 
-async def open_loop(target: Target, workload: Workload, rate: float, duration_s: float) -> dict[str, object]:
-    """`rate * duration_s` requests at a constant pace; latency from each actual send."""
-    run, loop = _Run(target, workload), asyncio.get_running_loop()
-    total, tasks, lags = int(rate * duration_s), set(), []
+async def pace(run: Run, rate: float, duration_s: float, tasks: set[asyncio.Task[None]], lags: list[float]) -> float:
+    """Start `rate * duration_s` requests at a constant pace, each as a task in `tasks` (removed when
+    done), recording how late each was sent in `lags`; returns the start time."""
+    loop = asyncio.get_running_loop()
     start = time.perf_counter() + 0.01
-    for i in range(total):
+    for i in range(int(rate * duration_s)):
         due = start + i / rate
         wait = due - time.perf_counter()
         if wait > 0.0005:  # libuv timers are coarse; anything shorter is sent now
@@ -126,6 +127,13 @@ async def open_loop(target: Target, workload: Workload, rate: float, duration_s:
         task = loop.create_task(run.one())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+    return start
+
+
+async def open_loop(target: Target, workload: Workload, rate: float, duration_s: float) -> dict[str, object]:
+    """`rate * duration_s` requests at a constant pace; latency from each actual send."""
+    run, tasks, lags = Run(target, workload), set(), []
+    start = await pace(run, rate, duration_s, tasks, lags)
     await run.drain(tasks, time.perf_counter() + workload.grace_s)
     return {"mode": "open", "rate": rate, "duration_s": duration_s, "stream": workload.stream,
             "connections_opened": run.pool.opened,
@@ -135,7 +143,7 @@ async def open_loop(target: Target, workload: Workload, rate: float, duration_s:
 async def closed_loop(target: Target, workload: Workload, concurrency: int, duration_s: float) -> dict[str, object]:
     """`concurrency` workers, each sending its next request as soon as the last one ends, until
     `duration_s` has passed; the ramp-up opens all connections at once."""
-    run, loop = _Run(target, workload), asyncio.get_running_loop()
+    run, loop = Run(target, workload), asyncio.get_running_loop()
     start = time.perf_counter()
     stop = start + duration_s
 

@@ -4,6 +4,8 @@ It stands in for the engine so that a load test measures the gateway and not a m
 ASGI app (no framework) with every answer body precomputed per length, so it costs the shared CPUs
 as little as possible. An answer has `max_tokens` tokens (default `--tokens`); streams send one
 event per token, `--token-delay-ms` apart (the first one too, so that is the time to first token).
+`POST /fake/config {"token_delay_ms": 20}` changes the pace at run time, so one set of processes
+serves both the instant and the paced phases of a benchmark.
 
     python -m loadtests.upstream --port 9000 --token-delay-ms 20
 """
@@ -89,6 +91,9 @@ class FakeUpstream:
             name = json.loads(body).get("lora_name", "")
             (self.adapters.add if path.startswith("/v1/load") else self.adapters.discard)(name)
             await _respond(send, 200, b"Success")
+        elif method == "POST" and path == "/fake/config":
+            self.delay = float(json.loads(body)["token_delay_ms"]) / 1000
+            await _respond(send, 200, b"")
         else:
             await _respond(send, 404, _dumps({"error": {"message": f"no route {method} {path}"}}), JSON_HEADERS)
 

@@ -27,6 +27,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide outputs from other users (e.g. a vLLM server)
     try:
         yield tmp
         if out.exists():
@@ -43,6 +44,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other readers
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

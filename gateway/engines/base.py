@@ -12,7 +12,9 @@ from salora.chat import Messages
 
 @dataclass(slots=True)
 class GenerationRequest:
-    """One chat completion. `adapter` None means the base model; `temperature` 0 means greedy."""
+    """One chat completion. `adapter` None means the base model; `temperature` 0 means greedy.
+    `stream` False says the caller only wants the whole answer, so an engine behind HTTP may fetch it
+    in one response (and retry it elsewhere) instead of streaming it."""
 
     messages: Messages
     adapter: str | None = None
@@ -21,6 +23,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stream: bool = True
 
 
 @dataclass(slots=True)

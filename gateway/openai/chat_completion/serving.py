@@ -185,6 +185,7 @@ class ChatServing:
             top_p=1.0 if body.top_p is None else body.top_p,
             stop=body.stop,
             seed=body.seed,
+            stream=bool(body.stream),
         )
 
     async def _complete(self, request: Request, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk]) -> Response:

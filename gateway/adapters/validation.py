@@ -1,0 +1,280 @@
+"""Checking an unpacked upload against the served base before anything loads it.
+
+An adapter is accepted only as a plain PEFT LoRA in safetensors (a pickle file is never opened),
+with a config every engine can batch with other adapters, tensors whose names and shapes fit the
+base's linear layers, a rank within the engine's limit, and finite weights. A `salora train`
+checkpoint is first exported to that form (`salora.export.export`). The safetensors header is parsed
+and bounds-checked by hand before the library reads a single tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from gateway.adapters.errors import AdapterRejected
+from salora.errors import SaLoRAError
+from salora.export import PEFT_CONFIG, PEFT_WEIGHTS, export
+from salora.train import CHECKPOINT_CONFIG
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+# adapter_config.json keys that do not change what the adapter computes at inference (or that are
+# checked below). Any other key must be absent or false-like: DoRA, trainable tokens, modules to save,
+# LoRA biases, layer replication and the like cannot share a batch with other adapters.
+KNOWN_KEYS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+    "bias", "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+}
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What validation and the canary need to know about the served base."""
+
+    model_id: str
+    identity: str  # SHA-256 of the weight files: the canary caches base answers under it
+    linear: dict[str, tuple[int, int]] = field(repr=False)  # module path -> (out features, in features)
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_id}@{self.identity[:16]}"
+
+
+def inspect_base(model_id: str, model_dir: Path) -> BaseModelInfo:
+    """Read the base's weight names and shapes from its safetensors headers (no tensor is loaded) and
+    hash its weight files."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SaLoRAError(f"{model_dir}: no safetensors weights to check adapters against")
+    linear: dict[str, tuple[int, int]] = {}
+    digest = hashlib.sha256()
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                shape = f.get_slice(name).get_shape()
+                if name.endswith(".weight") and len(shape) == 2:
+                    linear[name.removesuffix(".weight")] = (shape[0], shape[1])
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return BaseModelInfo(model_id, digest.hexdigest(), linear)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    sha256: str  # content hash of the two stored files
+    source: str  # `peft` or `checkpoint` (exported on arrival)
+    rank: int
+    target_modules: list[str]
+    modules: int  # layers the adapter changes
+    size_bytes: int
+    base_model_name_or_path: str | None
+
+
+def _reject(message: str, code: str = "invalid_adapter") -> AdapterRejected:
+    return AdapterRejected(message, code=code)
+
+
+def _pickles(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def _export_checkpoint(root: Path, out: Path) -> Path:
+    try:
+        export(root, out, "peft")
+    except (SaLoRAError, KeyError, TypeError, ValueError, OSError) as e:
+        raise _reject(f"the `salora train` checkpoint cannot be exported: {e}", code="bad_checkpoint") from e
+    return out
+
+
+def _read_config(path: Path, max_rank: int) -> dict[str, Any]:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise _reject(f"{PEFT_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _reject(f"{PEFT_CONFIG} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise _reject(f"{PEFT_CONFIG} must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise _reject(f"peft_type {config.get('peft_type')!r}: only LORA adapters are served", code="unsupported_adapter")
+    unsupported = sorted(k for k, v in config.items() if k not in KNOWN_KEYS and v not in (None, False, [], {}, ""))
+    if unsupported:
+        raise _reject(f"{PEFT_CONFIG} sets {', '.join(unsupported)}: only plain LoRA can share a batch with other "
+                      "adapters", code="unsupported_adapter")
+    if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
+        raise _reject(f"{PEFT_CONFIG}: bias must be \"none\" and fan_in_fan_out false", code="unsupported_adapter")
+    r = config.get("r")
+    ranks = [r, *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in ranks):
+        raise _reject(f"{PEFT_CONFIG}: r (and rank_pattern) must be positive integers")
+    if max(ranks) > max_rank:
+        raise _reject(f"rank {max(ranks)} is larger than this engine's limit of {max_rank}", code="rank_too_large")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise _reject(f"{PEFT_CONFIG}: lora_alpha must be a finite number")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        raise _reject(f"{PEFT_CONFIG}: target_modules must be a module name list or a pattern")
+    return config
+
+
+def _read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (dtype, shape), after checking that the header is bounded, well-formed, and that
+    its tensors tile the data section exactly."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _reject(f"{PEFT_WEIGHTS} is not a safetensors file (too short)", code="bad_weights")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise _reject(f"{PEFT_WEIGHTS}: its header length {length} is impossible for a {size}-byte file",
+                          code="bad_weights")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _reject(f"{PEFT_WEIGHTS}: the safetensors header is not JSON ({e})", code="bad_weights") from e
+    if not isinstance(header, dict):
+        raise _reject(f"{PEFT_WEIGHTS}: the safetensors header is not an object", code="bad_weights")
+    tensors, spans = {}, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (dtype in DTYPE_BYTES and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and isinstance(begin, int) and isinstance(end, int)
+                  and end - begin == math.prod(shape) * DTYPE_BYTES[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _reject(f"{PEFT_WEIGHTS}: tensor {name!r} has a bad header entry (dtype must be one of "
+                          f"{', '.join(DTYPE_BYTES)})", code="bad_weights")
+        tensors[name] = (dtype, list(shape))
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise _reject(f"{PEFT_WEIGHTS}: tensor data overlaps or leaves gaps", code="bad_weights")
+        position = end
+    if 8 + length + position != size:
+        raise _reject(f"{PEFT_WEIGHTS}: the file is {size} bytes, its header describes {8 + length + position}",
+                      code="bad_weights")
+    return tensors
+
+
+def _targets_match(module: str, targets: str | list[str]) -> bool:
+    """PEFT's rule: a list names the last part(s) of module paths; a string is a full-match pattern."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _check_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict[str, Any], base: BaseModelInfo) -> int:
+    """Every tensor is a lora_A/lora_B pair of a base linear layer the config targets, with fitting
+    shapes; returns the number of layers."""
+    if not tensors:
+        raise _reject(f"{PEFT_WEIGHTS} holds no tensors", code="bad_weights")
+    modules: dict[str, dict[str, list[int]]] = {}
+    for name, (_, shape) in tensors.items():
+        m = TENSOR_NAME.match(name)
+        if m is None:
+            raise _reject(f"unexpected tensor {name!r}: only lora_A and lora_B weights of a plain LoRA are served",
+                          code="unsupported_adapter")
+        modules.setdefault(m["module"], {})[m["factor"]] = shape
+    targets = config["target_modules"]
+    wanted = targets if isinstance(targets, list) else []
+    for target in wanted:
+        if not any(_targets_match(module, [target]) for module in base.linear):
+            raise _reject(f"target module {target!r} is not a linear layer of the base {base.model_id}",
+                          code="wrong_base")
+    uniform = not config.get("rank_pattern")
+    for module, factors in sorted(modules.items()):
+        if set(factors) != {"A", "B"}:
+            raise _reject(f"layer {module}: lora_A and lora_B must come together", code="bad_weights")
+        if module not in base.linear:
+            raise _reject(f"layer {module} does not exist in the base {base.model_id}: the adapter was made for "
+                          "another model", code="wrong_base")
+        if not _targets_match(module, targets):
+            raise _reject(f"layer {module} has weights but is not among target_modules {targets}", code="bad_weights")
+        out_features, in_features = base.linear[module]
+        a, b = factors["A"], factors["B"]
+        if len(a) != 2 or len(b) != 2 or a[1] != in_features or b[0] != out_features or a[0] != b[1]:
+            raise _reject(f"layer {module}: lora_A {a} and lora_B {b} do not fit the base layer "
+                          f"({out_features} x {in_features}) of {base.model_id}: the adapter was made for another "
+                          "model", code="wrong_base")
+        if uniform and a[0] != config["r"]:
+            raise _reject(f"layer {module}: rank {a[0]} differs from r = {config['r']} in {PEFT_CONFIG}",
+                          code="bad_weights")
+    return len(modules)
+
+
+def _check_finite(path: Path) -> None:
+    for name, tensor in load_file(str(path)).items():
+        if not torch.isfinite(tensor).all():
+            raise _reject(f"tensor {name} holds NaN or infinite values", code="non_finite_weights")
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def validate(root: Path, out: Path, base: BaseModelInfo, max_rank: int) -> AdapterInfo:
+    """Check the adapter (or checkpoint) in `root`; write the two files to serve into the empty
+    directory `out`. Raises AdapterRejected with the first problem found."""
+    source = "peft"
+    if (root / CHECKPOINT_CONFIG).is_file():
+        root, source = _export_checkpoint(root, root.parent / ".exported"), "checkpoint"
+    config_path, weights_path = root / PEFT_CONFIG, root / PEFT_WEIGHTS
+    if not weights_path.is_file():
+        pickles = _pickles(root)
+        if pickles:
+            raise _reject(f"{', '.join(pickles)}: pickle files are never loaded; save the adapter with safetensors "
+                          f"({PEFT_WEIGHTS})", code="pickle_not_allowed")
+        raise _reject(f"no {PEFT_WEIGHTS} in the upload", code="missing_file")
+    if not config_path.is_file():
+        raise _reject(f"no {PEFT_CONFIG} in the upload", code="missing_file")
+    for path in (config_path, weights_path):
+        if path.is_symlink() or not path.is_file():
+            raise _reject(f"{path.name} must be a regular file", code="unsafe_archive")
+    config = _read_config(config_path, max_rank)
+    tensors = _read_header(weights_path)
+    modules = _check_tensors(tensors, config, base)
+    _check_finite(weights_path)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / PEFT_CONFIG, out / PEFT_WEIGHTS]
+    for source_path, target in zip((config_path, weights_path), files):
+        target.write_bytes(source_path.read_bytes())
+    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
+    targets = config["target_modules"]
+    return AdapterInfo(
+        sha256=_sha256(files), source=source, rank=max(ranks),
+        target_modules=sorted(targets) if isinstance(targets, list) else [targets], modules=modules,
+        size_bytes=sum(p.stat().st_size for p in files),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+    )

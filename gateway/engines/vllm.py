@@ -1,0 +1,508 @@
+"""The vLLM engine: one or more vLLM OpenAI servers (replicas of one model) behind the gateway.
+
+- **Chat.** Each request goes to one replica over a single pooled `httpx.AsyncClient`: streamed
+  requests are streamed from vLLM, the others fetched in one response (`upstream.py` speaks the
+  protocol). Usage comes from vLLM, so token metrics and limits count what vLLM counted.
+- **Adapters.** Loaded at run time with vLLM's `POST /v1/load_lora_adapter` (the server needs
+  `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`) and unloaded with
+  `/v1/unload_lora_adapter`. vLLM reads the files itself, so they must lie on a volume both see:
+  `adapter_dir` here, `upstream_adapter_dir` there. An adapter from elsewhere is copied onto it.
+- **Affinity.** A request on an adapter goes to the least busy healthy replica that holds it. When
+  none does, the adapter is loaded on a replica with a free slot (`max_loras`, vLLM's --max-loras),
+  else on one whose least recently used idle adapter is unloaded first, else on the least busy one
+  (vLLM then queues it for a slot rather than the gateway refusing it).
+- **Failure.** A request is retried on another replica as long as nothing of its answer has been
+  passed on: any non-streamed request, and a stream before its first token. A replica that drops a
+  connection is health-checked at once and, if down, skipped. A health loop (`GET /health`) brings
+  replicas back; on its way back a replica's adapters are re-read from `/v1/models` and the shared
+  volume is checked again by loading a tiny zero probe adapter from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
+from gateway.engines.upstream import JSON_HEADERS, chat_body, error_message, parse_completion, rejected, stream_chunks
+from gateway.settings import VLLMConfig
+from salora.models import linear_modules, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+PROBE = "salora-volume-probe"  # the probe adapter's name in vLLM and its directory under adapter_dir
+CHAT_PATH = "/v1/chat/completions"
+# A replica that fails like this has probably gone away: check it, then try another.
+REPLICA_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+                  httpx.RemoteProtocolError)
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    up: bool = False
+    reason: str = "not checked yet"  # why it is down
+    lora_error: str | None = None  # why it cannot load adapters (None: it can)
+    held: dict[str, float] = field(default_factory=dict)  # adapter -> last use (monotonic), for LRU eviction
+    loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    active: Counter[str | None] = field(default_factory=Counter)  # requests in flight by adapter (None: base)
+    inflight: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time on this replica
+
+
+class _ReplicaFailed(Exception):
+    """The replica did not answer an adapter operation (it has been marked down): try another."""
+
+
+class VLLMEngine:
+    """vLLM servers for `model_id` (the name clients use for the base model); `probe_model` is the
+    base model's spec (a directory or `embedded`), used to build the shared-volume probe adapter."""
+
+    def __init__(
+        self,
+        name: str,
+        config: VLLMConfig,
+        model_id: str,
+        adapters: dict[str, Path] | None = None,
+        *,
+        probe_model: str | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        # httpx logs every request at INFO: one line per chat request and health check is noise, and
+        # formatting it costs the hot path.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self.name = name
+        self.model_id = model_id
+        self.error: str | None = None
+        self._config = config
+        self._replicas = [Replica(url) for url in config.urls]
+        self._initial = dict(adapters or {})
+        self._probe_model = probe_model
+        self._on_error = on_error or (lambda kind: None)
+        self._paths: dict[str, str] = {}  # registered adapter -> its directory as vLLM sees it
+        self._names: frozenset[str] = frozenset()  # the registered adapters that requests may use
+        self._model = config.model  # the base model's name upstream; read from the first replica if None
+        headers = {"authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s),
+            limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections),
+        )
+        self._watcher: asyncio.Task[None] | None = None
+        self._some_up = asyncio.Event()
+        self._started = False
+        upstream_dir = config.upstream_adapter_dir or (str(config.adapter_dir) if config.adapter_dir else "")
+        self._upstream_dir = upstream_dir.rstrip("/")
+        self._probe_path = ""  # the probe adapter as vLLM sees it, once written
+
+    @property
+    def ready(self) -> bool:
+        return self._started and any(r.up for r in self._replicas)
+
+    def adapters(self) -> frozenset[str]:
+        return self._names
+
+    async def start(self) -> None:
+        """Check the shared adapter volume on this side, start health checks, wait for a replica,
+        then load the configured adapters. Until a replica answers, the gateway reports loading."""
+        adapter_dir = self._config.adapter_dir
+        if adapter_dir is not None:
+            try:
+                self._probe_path = await asyncio.to_thread(self._write_probe, adapter_dir)
+            except Exception as e:
+                self.error = f"the {self.name} engine's adapter_dir {adapter_dir}: {e}"
+                raise EngineError(self.error, kind="load") from e
+        self._watcher = asyncio.create_task(self._watch())
+        await self._some_up.wait()
+        for name, path in self._initial.items():
+            try:
+                await self.load_adapter(name, path)
+            except (EngineError, RequestRejected, ValueError, OSError) as e:
+                self.error = f"cannot load adapter {name}: {e}"
+                raise EngineError(self.error, kind="load") from e
+        self._started = True
+
+    async def close(self) -> None:
+        """Stop health checks and close connections. Adapters stay loaded on the replicas: another
+        gateway may be using them, and a restarted gateway finds them again."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self._client.aclose()
+
+    # --- chat ----------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        adapter = request.adapter
+        if not self.ready:
+            raise EngineError(self.error or f"no replica of the {self.name} engine is up yet")
+        if adapter is not None and adapter not in self._names:
+            raise EngineError(f"adapter {adapter!r} is not loaded")
+        body = chat_body(request, adapter or self._model or "")
+        tried: set[Replica] = set()
+        failures: list[str] = []
+        attempts = 0
+        while True:
+            replica = await self._place(adapter, tried, failures)
+            attempts += 1
+            sent = False
+            try:
+                response = await self._client.send(
+                    self._client.build_request("POST", replica.url + CHAT_PATH, content=body, headers=JSON_HEADERS),
+                    stream=True)
+                try:
+                    if response.status_code != 200:
+                        retry = self._refused(replica, adapter, response.status_code, await response.aread(), failures)
+                        if retry is not None:
+                            tried.update(retry)
+                            if attempts > len(self._replicas):
+                                tried.add(replica)
+                            self._on_error("retry")
+                            continue
+                    if request.stream:
+                        async for chunk in stream_chunks(response.aiter_lines()):
+                            sent = True
+                            yield chunk
+                    else:
+                        chunk = parse_completion(await response.aread())
+                        sent = True
+                        yield chunk
+                    return
+                finally:
+                    await response.aclose()
+            except REPLICA_ERRORS as e:
+                if sent:
+                    raise EngineError(f"vLLM at {replica.url} failed mid-answer: {e!r}", kind="upstream") from e
+                failures.append(f"{replica.url}: {e!r}")
+                await self._check(replica, refused=isinstance(e, httpx.ConnectError))
+                if not replica.up or attempts > len(self._replicas):
+                    tried.add(replica)
+                self._on_error("retry")
+            except httpx.TimeoutException as e:
+                raise EngineError(f"vLLM at {replica.url} timed out: {e!r}", kind="timeout") from e
+            finally:
+                self._release(replica, adapter)
+
+    def _refused(self, replica: Replica, adapter: str | None, status: int, content: bytes,
+                 failures: list[str]) -> set[Replica] | None:
+        """What a non-200 answer means: raise when no replica would do better; else return the
+        replicas not to try again (empty: this one may be tried again)."""
+        message = error_message(content)
+        if status in (400, 422):
+            raise rejected(content)
+        failures.append(f"{replica.url}: {status} {message}")
+        if status == 404 and adapter is not None and adapter in replica.held:
+            replica.held.pop(adapter)  # it restarted or another gateway unloaded it: load it again
+            return set()
+        if status == 429 or status >= 500:
+            return {replica}
+        raise EngineError(f"vLLM at {replica.url} answered {status}: {message}", kind="upstream")
+
+    # --- placement -----------------------------------------------------------------------------
+
+    async def _place(self, adapter: str | None, tried: set[Replica], failures: list[str]) -> Replica:
+        """A replica for one request on `adapter` (None: the base model), claimed for it: the
+        caller releases it with `_release`. Loads the adapter there if needed."""
+        while True:
+            up = [r for r in self._replicas if r.up and r not in tried]
+            if not up:
+                detail = "; ".join(failures) or "; ".join(f"{r.url}: {r.reason}" for r in self._replicas)
+                raise EngineError(f"no replica of the {self.name} engine can serve this request ({detail})")
+            if adapter is None:
+                return self._claim(min(up, key=_busy), None)
+            capable = [r for r in up if r.lora_error is None]
+            if not capable:
+                reasons = "; ".join(f"{r.url}: {r.lora_error}" for r in up)
+                raise EngineError(f"no replica of the {self.name} engine can load adapters ({reasons})", kind="adapter")
+            holders = [r for r in capable if adapter in r.held]
+            if holders:
+                return self._claim(min(holders, key=_busy), adapter)
+            replica = next((r for r in capable if adapter in r.loading), None) or self._target(capable, adapter)
+            self._claim(replica, adapter)  # before loading, so that nothing evicts it in between
+            try:
+                await self._ensure_loaded(replica, adapter)
+            except _ReplicaFailed as e:
+                self._release(replica, adapter)
+                failures.append(f"{replica.url}: {e}")
+                tried.add(replica)
+                continue
+            except BaseException:
+                self._release(replica, adapter)
+                raise
+            return replica
+
+    def _target(self, capable: list[Replica], adapter: str) -> Replica:
+        """Where to load an adapter no replica holds."""
+        limit = self._config.max_loras
+        free = [r for r in capable if len(r.held) + len(r.loading) < limit]
+        if free:
+            return min(free, key=lambda r: (len(r.held) + len(r.loading), r.inflight))
+        victims = {r: v for r in capable if (v := _victim(r, adapter)) is not None}
+        if victims:
+            return min(victims, key=lambda r: r.held[victims[r]])
+        return min(capable, key=_busy)
+
+    @staticmethod
+    def _claim(replica: Replica, adapter: str | None) -> Replica:
+        replica.inflight += 1
+        replica.active[adapter] += 1
+        if adapter in replica.held:
+            replica.held[adapter] = time.monotonic()  # type: ignore[index]
+        return replica
+
+    @staticmethod
+    def _release(replica: Replica, adapter: str | None) -> None:
+        replica.inflight -= 1
+        replica.active[adapter] -= 1
+
+    # --- adapters ------------------------------------------------------------------------------
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Make `name` servable: stage its files on the shared volume and load it on one replica
+        (so a bad adapter fails here, at promotion, not on a tenant's first request)."""
+        if name in self._paths:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        if self._config.adapter_dir is None:
+            raise EngineError(f"the {self.name} engine has no adapter_dir, so it cannot load adapters", kind="adapter")
+        if not any(r.up for r in self._replicas):
+            raise EngineError(f"no replica of the {self.name} engine is up to load adapter {name!r}")
+        self._paths[name] = await asyncio.to_thread(self._stage, name, Path(path))
+        try:
+            self._release(await self._place(name, set(), []), name)
+        except BaseException:
+            self._paths.pop(name, None)
+            raise
+        self._names = self._names | {name}
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop new requests on `name` at once, let those in flight finish (up to drain_timeout_s),
+        then unload it from every replica that holds it."""
+        if name not in self._paths:
+            raise KeyError(f"adapter {name!r} is not loaded")
+        self._names = self._names - {name}
+        del self._paths[name]
+        for replica in self._replicas:
+            loading = replica.loading.get(name)
+            if loading is not None:
+                await asyncio.wait([loading])
+            deadline = time.monotonic() + self._config.drain_timeout_s
+            while replica.active[name] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            async with replica.lock:
+                if name in replica.held and replica.up:
+                    try:
+                        await self._unload_on(replica, name)
+                    except _ReplicaFailed:
+                        pass  # down: it lost the adapter, or forgets it when it comes back (not re-adopted)
+
+    async def _ensure_loaded(self, replica: Replica, adapter: str) -> None:
+        """Load `adapter` on `replica`, or wait for the load already under way there."""
+        future = replica.loading.get(adapter)
+        if future is None:
+            future = asyncio.ensure_future(self._load_on(replica, adapter))
+            replica.loading[adapter] = future
+
+            def done(f: asyncio.Future[None]) -> None:
+                if replica.loading.get(adapter) is f:
+                    del replica.loading[adapter]
+                if not f.cancelled():
+                    f.exception()  # retrieved here: every waiter may have gone
+
+            future.add_done_callback(done)
+        await asyncio.shield(future)
+
+    async def _load_on(self, replica: Replica, adapter: str) -> None:
+        async with replica.lock:
+            if len(replica.held) >= self._config.max_loras:
+                victim = _victim(replica, adapter)
+                if victim is not None:
+                    await self._unload_on(replica, victim)
+            path = self._paths.get(adapter)
+            if path is None:
+                raise EngineError(f"adapter {adapter!r} was unloaded")
+            started = time.perf_counter()
+            response = await self._post(replica, "/v1/load_lora_adapter", {"lora_name": adapter, "lora_path": path})
+            message = error_message(response.content)
+            if response.status_code == 200 or "already been loaded" in message:
+                replica.held[adapter] = time.monotonic()
+                log.info("loaded adapter %s on %s in %.0f ms", adapter, replica.url, 1000 * (time.perf_counter() - started))
+                return
+        if "No adapter found" in message:
+            replica.lora_error = self._unreadable(path, message)
+            log.error("%s: %s", replica.url, replica.lora_error)
+            raise _ReplicaFailed(replica.lora_error)
+        if response.status_code in (400, 422):
+            raise RequestRejected(f"vLLM rejected adapter {adapter!r}: {message}", code="invalid_adapter")
+        raise EngineError(f"vLLM at {replica.url} could not load adapter {adapter!r}: {response.status_code} {message}",
+                          kind="adapter")
+
+    async def _unload_on(self, replica: Replica, adapter: str) -> None:
+        """Unload (the caller holds replica.lock). Forgotten first, so no new request picks it here."""
+        replica.held.pop(adapter, None)
+        started = time.perf_counter()
+        response = await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": adapter})
+        if response.status_code not in (200, 404):  # 404: it was gone already
+            log.warning("unloading %s from %s: %s %s", adapter, replica.url, response.status_code,
+                        error_message(response.content))
+            return
+        log.info("unloaded adapter %s from %s in %.0f ms", adapter, replica.url, 1000 * (time.perf_counter() - started))
+
+    async def _post(self, replica: Replica, path: str, payload: dict[str, str]) -> httpx.Response:
+        try:
+            return await self._client.post(replica.url + path, json=payload)
+        except httpx.TransportError as e:
+            self._down(replica, f"{path}: {e!r}")
+            raise _ReplicaFailed(f"{path}: {e!r}") from e
+
+    def _stage(self, name: str, path: Path) -> str:
+        """The adapter's directory as vLLM sees it; copied onto the shared volume (under a name
+        with its content hash, written atomically) unless it already lies there."""
+        root = self._config.adapter_dir
+        assert root is not None
+        src, root = path.expanduser().resolve(), root.resolve()
+        if not (src / "adapter_config.json").is_file():
+            raise ValueError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+        if src.is_relative_to(root):
+            return f"{self._upstream_dir}/{src.relative_to(root).as_posix()}"
+        files = sorted(f for f in src.iterdir() if f.is_file())
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        staged = f"{name}-{digest.hexdigest()[:16]}"
+        dest = root / staged
+        if not dest.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{staged}.", dir=root))
+            try:
+                for f in files:
+                    shutil.copyfile(f, tmp / f.name)
+                os.replace(tmp, dest)
+            except OSError:
+                if not dest.is_dir():  # else another gateway staged the same files first
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return f"{self._upstream_dir}/{staged}"
+
+    # --- health --------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(r) for r in self._replicas))
+            await asyncio.sleep(self._config.health_interval_s)
+
+    async def _check(self, replica: Replica, refused: bool = False) -> None:
+        """Health-check one replica; on its way up, read what it holds and check the volume."""
+        if refused:
+            self._down(replica, "connection refused")
+            return
+        try:
+            response = await self._client.get(replica.url + self._config.health_path,
+                                               timeout=self._config.connect_timeout_s)
+            if response.status_code != 200:
+                self._down(replica, f"{self._config.health_path} answered {response.status_code}")
+                return
+            if not replica.up:
+                await self._adopt(replica)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, _ReplicaFailed) as e:
+            self._down(replica, repr(e))
+            return
+        if not replica.up:
+            replica.up = True
+            log.info("%s engine: replica %s is up (model %s, adapters %s, %s)", self.name, replica.url, self._model,
+                     sorted(replica.held) or "none", replica.lora_error or "adapters ok")
+            self._some_up.set()
+
+    async def _adopt(self, replica: Replica) -> None:
+        """Read the replica's model and loaded adapters, and check that it reads the shared volume."""
+        response = await self._client.get(replica.url + "/v1/models", timeout=self._config.connect_timeout_s)
+        response.raise_for_status()
+        models = response.json()["data"]
+        ids = [m["id"] for m in models]
+        base = self._model or next((m["id"] for m in models if not m.get("parent")), ids[0])
+        if base not in ids:
+            raise ValueError(f"it serves {ids}, not {base!r}")
+        self._model = base
+        replica.held = {i: 0.0 for i in ids if i not in (base, PROBE)}
+        replica.lora_error = await self._probe(replica) if self._config.adapter_dir is not None else None
+
+    async def _probe(self, replica: Replica) -> str | None:
+        """Load and unload the probe adapter: None when the replica reads the shared volume, else why not."""
+        path = self._probe_path
+        response = await self._post(replica, "/v1/load_lora_adapter", {"lora_name": PROBE, "lora_path": path})
+        message = error_message(response.content)
+        if response.status_code == 200 or "already been loaded" in message:
+            await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": PROBE})
+            return None
+        if "No adapter found" in message:
+            reason = self._unreadable(path, message)
+        elif response.status_code in (404, 405):
+            reason = "runtime adapter loading is off: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+        else:
+            reason = f"the probe adapter did not load: {response.status_code} {message}"
+        log.error("%s engine: replica %s cannot serve adapters: %s", self.name, replica.url, reason)
+        return reason
+
+    def _unreadable(self, path: str, message: str) -> str:
+        return (f"vLLM cannot read {path} ({message}): adapter_dir ({self._config.adapter_dir}) must be a volume that "
+                f"vLLM mounts too, at upstream_adapter_dir ({self._upstream_dir}); see docs/vllm.md")
+
+    def _down(self, replica: Replica, reason: str) -> None:
+        replica.reason = reason
+        if replica.up:
+            replica.up = False
+            replica.held.clear()  # re-read when it comes back
+            self._on_error("replica_down")
+            log.warning("%s engine: replica %s is down: %s", self.name, replica.url, reason)
+
+    def _write_probe(self, root: Path) -> str:
+        """A rank-1, all-zero LoRA on one q_proj of the base model (it changes nothing), written on
+        the shared volume under a name of its shape; loading it proves that vLLM reads the volume
+        where this gateway writes. Returns its path as vLLM sees it."""
+        if not root.is_dir():
+            raise ValueError("no such directory: mount the adapter volume shared with vLLM there")
+        if self._probe_model is None:
+            raise ValueError("no base model to build the probe adapter for")
+        config = AutoConfig.from_pretrained(resolve_model_dir(self._probe_model))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        module, linear = min(linear_modules(model, ["q_proj"]).items())
+        shape = f"{module}:{linear.in_features}x{linear.out_features}"
+        name = f"{PROBE}-{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
+        if not (root / name / "adapter_config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+            try:
+                save_file({f"base_model.model.{module}.lora_A.weight": torch.zeros(1, linear.in_features),
+                           f"base_model.model.{module}.lora_B.weight": torch.zeros(linear.out_features, 1)},
+                          str(tmp / "adapter_model.safetensors"))
+                (tmp / "adapter_config.json").write_text(
+                    '{"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"]}\n')
+                os.replace(tmp, root / name)
+            except OSError:
+                if not (root / name).is_dir():  # else another gateway wrote the same probe first
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return f"{self._upstream_dir}/{name}"
+
+
+def _busy(replica: Replica) -> int:
+    return replica.inflight
+
+
+def _victim(replica: Replica, keep: str) -> str | None:
+    """The replica's least recently used adapter with no request in flight (never `keep`)."""
+    idle = [a for a in replica.held if a != keep and not replica.active[a]]
+    return min(idle, key=replica.held.__getitem__, default=None)

@@ -1,0 +1,109 @@
+"""Profile the gateway under load: py-spy samples the `salora serve` process while the generator
+sends a fixed rate through it to the fake upstream; the summary (top functions by own and by
+inclusive time, and time per gateway source file) goes to loadtests/profiles/<label>.txt.
+
+py-spy is a dev tool from PyPI (`pip install py-spy`); it needs ptrace on the gateway process,
+which a root shell or the process's own user has.
+
+    python -m loadtests.profile --label before --rate 300 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+
+import uvloop
+
+from loadtests.loadgen import Target, Workload, open_loop
+from loadtests.stack import ROOT, start_gateway, start_upstream
+
+PROFILES = ROOT / "loadtests" / "profiles"
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _frame(raw: str) -> tuple[str, str]:
+    """(function, file) of one py-spy frame `func (path/file.py:line)`; line numbers dropped so
+    a function's samples add up."""
+    m = _FRAME.match(raw)
+    return (m["func"], m["file"]) if m else (raw, "")
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", "/work/main/", str(ROOT) + "/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def summarize(collapsed: str, top: int = 30) -> str:
+    """A text report of py-spy's collapsed stacks (`frame;frame;... count` per line)."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    by_file: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        names = [f"{func} ({_short(file)})" for func, file in frames]
+        own[names[-1]] += count
+        for name in set(names):
+            inclusive[name] += count
+        gateway_files = {_short(file) for _, file in frames if "gateway/" in file and "site-packages" not in file}
+        for file in gateway_files:
+            by_file[file] += count
+    if total == 0:
+        return "no samples\n"
+
+    def block(title: str, counter: Counter[str]) -> str:
+        rows = [f"{100 * n / total:6.1f}%  {name}" for name, n in counter.most_common(top)]
+        return f"{title}\n" + "\n".join(rows)
+
+    return "\n\n".join([f"samples: {total} (CPU-active only)", block("own time (leaf frame)", own),
+                        block("inclusive time", inclusive), block("inclusive time by gateway file", by_file)]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtests.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--label", required=True, help="name of the summary file, e.g. before or after")
+    p.add_argument("--rate", type=float, default=300.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--sample-rate", type=int, default=100, help="py-spy samples per second")
+    args = p.parse_args(argv)
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    workdir = Path(tempfile.mkdtemp(prefix="salora-profile-"))
+    raw = workdir / "profile.txt"
+    with ExitStack() as stack:
+        upstream = start_upstream(stack, workdir)
+        gateway = start_gateway(stack, workdir, upstream)
+        target, workload = Target(gateway.url, gateway.model, gateway.key), Workload(stream=args.stream)
+        uvloop.run(open_loop(target, workload, 50, 2))  # warm-up, not profiled
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(gateway.proc.pid), "--duration", str(int(args.duration)),
+                                "--rate", str(args.sample_rate), "--format", "raw", "--output", str(raw)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = uvloop.run(open_loop(target, workload, args.rate, args.duration))
+        spy.wait(timeout=60)
+    lat = run["latency_ms"] or {}
+    head = (f"gateway under {args.rate:g} req/s {'streaming' if args.stream else 'non-streaming'} for {args.duration:g} s "
+            f"(py-spy at {args.sample_rate} Hz slows it; latencies here are not the benchmark's)\n"
+            f"completed {run['ok']}, errors {run['errors']}, p50 {lat.get('p50', 0):.2f} ms, p99 {lat.get('p99', 0):.2f} ms\n\n")
+    PROFILES.mkdir(parents=True, exist_ok=True)
+    out = PROFILES / f"{args.label}.txt"
+    out.write_text(head + summarize(raw.read_text()))
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
