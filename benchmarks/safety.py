@@ -58,19 +58,27 @@ class Variant:
     """One fine-tuning method of the study."""
 
     method: str  # lora | salora
-    init: str = "task"  # task | zero (salora only)
-    project: bool = True
+    init: str = "task"  # task | task-scaled | zero (salora only)
+    projection: str = "output"  # output | input | both | none
     targets: tuple[str, ...] = tuple(DEFAULT_TARGETS)
     rank_safety: int = 32
+    contrastive: bool = False
+    input_energy: float | None = None
 
 
+ALL = tuple(ALL_LINEAR)
 VARIANTS = {
     "lora": Variant("lora"),
     "salora-paper": Variant("salora"),
-    "init-only": Variant("salora", project=False),
+    "init-only": Variant("salora", projection="none"),
     "projection-only": Variant("salora", init="zero"),
-    "lora-all": Variant("lora", targets=tuple(ALL_LINEAR)),
-    "projection-only-all": Variant("salora", init="zero", targets=tuple(ALL_LINEAR)),
+    "task-scaled": Variant("salora", init="task-scaled"),
+    "contrastive": Variant("salora", init="zero", contrastive=True),
+    "lora-all": Variant("lora", targets=ALL),
+    "projection-only-all": Variant("salora", init="zero", targets=ALL),
+    "input-guard": Variant("salora", init="zero", projection="input", input_energy=0.9),
+    "input-guard-all": Variant("salora", init="zero", projection="input", targets=ALL, input_energy=0.9),
+    "input-guard-contrastive-all": Variant("salora", init="zero", projection="input", targets=ALL, input_energy=0.9, contrastive=True),
 }
 
 
@@ -140,13 +148,19 @@ def evaluate(model, tokenizer, n_task: int, with_task: bool) -> dict:
 
 def safety_dir(study: Path, variant: Variant) -> Path:
     """The aligned base's safety basis for these targets: its own greedy refusals to the project's
-    harmful `train` prompts (never the canary or AdvBench test prompts), computed once per study."""
-    out = study / "safety" / f"{'-'.join(variant.targets)}-r{variant.rank_safety}"
+    harmful `train` prompts (never the canary or AdvBench test prompts), contrasted where asked with
+    its own answers to the benign `train` prompts; computed once per study and configuration."""
+    key = f"{'-'.join(variant.targets)}-r{variant.rank_safety}{'-contrastive' if variant.contrastive else ''}"
+    out = study / "safety" / (key + (f"-in{variant.input_energy:g}" if variant.input_energy else ""))
     if not out.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            data = Path(tmp) / "harmful_train.jsonl"
+            data, benign = Path(tmp) / "harmful_train.jsonl", Path(tmp) / "benign_train.jsonl"
             write_jsonl(({"messages": m} for m in safety_messages("train")), data)
-            calibrate(EMBEDDED, data, out, list(variant.targets), variant.rank_safety, max_samples=128, generate_responses=True)
+            write_jsonl(({"prompt": b.prompt} for b in benign_prompts("train")), benign)
+            calibrate(
+                EMBEDDED, data, out, list(variant.targets), variant.rank_safety, max_samples=128, generate_responses=True,
+                contrast_data=benign if variant.contrastive else None, input_energy=variant.input_energy,
+            )
     return out
 
 
@@ -166,11 +180,11 @@ def run_one(study: Path, name: str, setting: Setting, seed: int, n_task: int) ->
         else:
             rows = attack_conversations()
         write_jsonl(({"messages": m} for m in rows), data)
-        safety = str(safety_dir(study, variant)) if variant.method == "salora" and variant.project else None
+        safety = str(safety_dir(study, variant)) if variant.method == "salora" and variant.projection != "none" else None
         summary = train(TrainOptions(
             model=EMBEDDED, data=str(data), out=f"{tmp}/ckpt", safety=safety, method=variant.method, rank=setting.rank,
             lr=setting.lr, max_steps=setting.steps, batch_size=setting.batch_size, seed=seed, target_modules=list(variant.targets),
-            init=variant.init, project=variant.project,
+            init=variant.init, projection=variant.projection,
         ))
         export(f"{tmp}/ckpt", f"{tmp}/adapter", "peft")
         model, tokenizer = load_model(EMBEDDED)

@@ -34,7 +34,7 @@ class DenseCLinear(SaLoRALinear):
     """The reference code's form: every token's adapter output multiplied by a dense d_out x d_out C."""
 
     def __init__(self, layer: SaLoRALinear) -> None:
-        super().__init__(layer.base, layer.A0, layer.B0, layer.safety_basis, layer.scale)
+        super().__init__(layer.base, layer.A0, layer.B0, layer.V, layer.scale)
         V = layer.V
         self.register_buffer("C", torch.eye(V.shape[0]) - V @ V.T)
 
@@ -65,7 +65,7 @@ def main() -> None:
         for kind in ("salora", "dense_c"):
             model, _ = load_model(EMBEDDED)
             modules = linear_modules(model, TARGETS)
-            safety = load_safety(Path(tmp) / "safety", modules)
+            safety, _ = load_safety(Path(tmp) / "safety", modules)
             task_bases, _ = module_bases(modules, record_input_moments(model, tokenizer, task, modules), 32)
             inject_salora(model, modules, SaLoRAConfig(rank=args.rank, target_modules=TARGETS), safety, task_bases)
             if kind == "dense_c":

@@ -11,6 +11,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from gateway.adapters.lifecycle import Lifecycle
+from gateway.adapters.registry import Registry
+from gateway.admin.adapters.api_router import router as adapters_router
 from gateway.admin.tenants.api_router import router as tenants_router
 from gateway.context import Context
 from gateway.db import close_db, open_db
@@ -18,7 +21,7 @@ from gateway.engines.base import Engine, EngineError
 from gateway.engines.routing import engine_from_settings
 from gateway.errors import install_error_handlers
 from gateway.metrics import Metrics
-from gateway.openai.chat_completion.api_router import router as chat_router
+from gateway.openai.chat_completion.api_router import ChatCompletionsRoute
 from gateway.openai.models.api_router import router as models_router
 from gateway.ops import router as ops_router
 from gateway.ratelimit import RateLimiter
@@ -45,13 +48,14 @@ async def _start_engine(ctx: Context) -> None:
         ctx.metrics.engine_errors.labels(engine.name, e.kind).inc()
         log.error("%s", e)
         return
-    ctx.metrics.adapters.labels("live").set(len(engine.adapters()))
+    await ctx.lifecycle.start()
     log.info("ready in %.1f s: model %s, adapters %s", time.perf_counter() - started, engine.model_id,
-             sorted(engine.adapters()) or "none")
+             sorted(ctx.served_adapters()) or "none")
 
 
 def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
-    """The gateway for `settings`; `judge` classifies live answers (default: the keyword judge)."""
+    """The gateway for `settings`; `judge` classifies live answers (default: the keyword judge), and
+    canary answers too unless the `canary.judge` setting names an LLM judge."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,21 +67,26 @@ def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
         anonymous = admin_key is None and not tenants.all()
         if anonymous:
             log.warning("no tenants and no admin key: serving every caller without authentication")
-        ctx = Context(settings=settings, engine=build_engine(settings, metrics), tenants=tenants,
-                      limiter=RateLimiter(settings.rate_window_s), metrics=metrics, judge=judge or KeywordJudge(),
+        engine, live_judge = build_engine(settings, metrics), judge or KeywordJudge()
+        lifecycle = Lifecycle(settings, engine, Registry(sessions), tenants, metrics, live_judge,
+                              on_change=lambda: ctx.create_known_series())
+        ctx = Context(settings=settings, engine=engine, tenants=tenants,
+                      limiter=RateLimiter(settings.rate_window_s), metrics=metrics, judge=live_judge,
                       admin_key_sha256=hash_key(admin_key) if admin_key else None, anonymous=anonymous,
-                      started_at=int(time.time()))
+                      started_at=int(time.time()), lifecycle=lifecycle)
         app.state.context = ctx
         loading = asyncio.create_task(_start_engine(ctx))
         try:
             yield
         finally:
             loading.cancel()
+            await ctx.lifecycle.close()
             await ctx.engine.close()
             close_db(sessions)
 
     app = FastAPI(title="SaLoRA Gateway", lifespan=lifespan)
     install_error_handlers(app)
-    for router in (chat_router, models_router, tenants_router, ops_router):
+    app.add_middleware(ChatCompletionsRoute)
+    for router in (models_router, tenants_router, adapters_router, ops_router):
         app.include_router(router)
     return app

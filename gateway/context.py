@@ -9,11 +9,12 @@ from typing import Any
 
 from fastapi import Request
 
+from gateway.adapters.lifecycle import Lifecycle
 from gateway.engines.base import Engine
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
-from gateway.tenants import TenantStore
+from gateway.tenants import ANONYMOUS, TenantStore
 from salora.judge import Judge
 
 
@@ -28,7 +29,22 @@ class Context:
     admin_key_sha256: str | None  # None: the admin API is off
     anonymous: bool  # no admin key and no tenants at start: every caller is the anonymous tenant
     started_at: int  # Unix time, the `created` of the models listed
+    lifecycle: Lifecycle  # uploads, canary, promotion and retirement of adapters
     tasks: set[asyncio.Task] = field(default_factory=set)  # detached work (judging), kept alive until done
+
+    def served_adapters(self) -> frozenset[str]:
+        """The adapters clients may call: loaded, and not held back by the lifecycle (a candidate
+        under its canary, an adapter being retired)."""
+        return self.engine.adapters() - self.lifecycle.held_back
+
+    def create_known_series(self) -> None:
+        """Metric series at 0 for every tenant and every model it may call (see Metrics.create_series);
+        run at start and whenever a tenant or an adapter is added."""
+        base = self.engine.model_id
+        callers = [ANONYMOUS] if self.anonymous else self.tenants.all()
+        models = [base, *sorted(self.served_adapters())]
+        self.metrics.create_series([(t.name, m) for t in callers for m in models if m == base or t.may_use(m)],
+                                   self.engine.name)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` detached from any request, so no response or connection waits for it."""

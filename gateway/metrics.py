@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 OTHER = "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ENGINE_ERROR_KINDS = ("load", "generation", "unavailable")  # docs/observability.md
+CANARY_RESULTS = ("pass", "fail", "error")
 
 
 class Metrics:
@@ -28,6 +30,23 @@ class Metrics:
                                      ["engine", "kind"], registry=r)
         self.batch_size = Histogram("salora_engine_batch_size", "Rows in each decode step of the local engine",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.canary_refusal_rate = Gauge("salora_canary_refusal_rate",
+                                         "Latest canary refusal rate per live adapter and for the base model's id",
+                                         ["adapter", "probe"], registry=r)
+        self.canary_runs = Counter("salora_canary_runs_total", "Canary runs by result", ["result"], registry=r)
+        for result in CANARY_RESULTS:
+            self.canary_runs.labels(result)
+
+    def create_series(self, callers: list[tuple[str, str]], engine: str) -> None:
+        """Create the series of each (tenant, model) a tenant may call, and of each engine error kind, at
+        0: Prometheus cannot see the increment that creates a series, so the first refusal or error
+        after a start would otherwise never show in a rate or fire an alert."""
+        for tenant, model in callers:
+            self.requests.labels(tenant, model, "200")
+            for refused in ("true", "false"):
+                self.responses.labels(tenant, model, refused)
+        for kind in ENGINE_ERROR_KINDS:
+            self.engine_errors.labels(engine, kind)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,10 +19,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(ctx: Context = Depends(context)) -> JSONResponse:
-    """200 once the engine can generate; 503 while it loads or after it failed."""
+    """200 once the engine can generate and the live adapters are restored; 503 while it loads or
+    after it failed."""
     engine = ctx.engine
-    if engine.ready:
-        return JSONResponse({"status": "ready", "model": engine.model_id, "adapters": sorted(engine.adapters())})
+    if engine.ready and ctx.lifecycle.ready:
+        return JSONResponse({"status": "ready", "model": engine.model_id, "adapters": sorted(ctx.served_adapters())})
     status = "failed" if engine.error else "loading"
     return JSONResponse({"status": status, "error": engine.error}, status_code=503)
 

@@ -18,6 +18,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from gateway.adapters.config import LifecycleConfig
+from gateway.canary.config import CanaryConfig
 from salora.errors import SaLoRAError
 from salora.models import EMBEDDED, EMBEDDED_UNALIGNED, model_id, salora_home
 
@@ -100,6 +102,8 @@ class Settings(BaseSettings):
     rate_window_s: float = Field(default=60.0, gt=0)  # the "minute" of rpm/tpm (short in tests)
     max_batch_size: int = Field(default=8, gt=0)
     max_model_len: int = Field(default=2048, gt=0)
+    lifecycle: LifecycleConfig = LifecycleConfig()  # adapter uploads, re-probes (docs/lifecycle.md)
+    canary: CanaryConfig = CanaryConfig()  # the safety gate every uploaded adapter passes (docs/lifecycle.md)
 
     @field_validator("model")
     @classmethod

@@ -131,6 +131,26 @@ class TenantStore:
                     raise UnknownTenant(name)
             self._reload()
 
+    def grant(self, adapter: str, names: Iterable[str]) -> None:
+        """Let the named tenants call `adapter` (the adapter lifecycle grants on promotion and at start,
+        since a config tenant's list is rewritten from the config at every start)."""
+        with self._lock:
+            with self._sessions.begin() as session:
+                for name in names:
+                    row = session.get(TenantRow, name)
+                    if row is not None and adapter not in row.adapters:
+                        row.adapters = sorted({*row.adapters, adapter})
+            self._reload()
+
+    def revoke(self, adapter: str) -> None:
+        """Take `adapter` off every tenant's list (a retired name may later be reused for other weights)."""
+        with self._lock:
+            with self._sessions.begin() as session:
+                for row in session.scalars(select(TenantRow)):
+                    if adapter in row.adapters:
+                        row.adapters = [a for a in row.adapters if a != adapter]
+            self._reload()
+
     def put_configured(self, configs: Iterable[TenantConfig]) -> None:
         """Insert or overwrite the tenants declared in the settings (the config file wins at start)."""
         with self._lock:

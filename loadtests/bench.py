@@ -67,8 +67,9 @@ def machine() -> dict[str, Any]:
 
 
 def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent working (guest time is already inside user)."""
     t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
 async def measure(service: Service, services: list[Service], workload: Workload, *, rate: float | None = None,
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--streams", type=int, default=500, help="concurrent streams to hold (0: skip; default 500)")
     p.add_argument("--stream-tokens", type=int, default=20)
     p.add_argument("--token-delay-ms", type=float, default=100.0, help="upstream pace during the streams phase")
+    p.add_argument("--stream-duration", type=float, default=15.0, help="seconds of the streams phase per target")
     p.add_argument("--out", type=Path, default=RESULTS, help="where <timestamp>.json/.md/.png go")
     args = p.parse_args(argv)
     targets = tuple(dict.fromkeys(["direct", *args.targets.split(",")]))
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
     cfg = BenchConfig(rates=tuple(float(r) for r in args.rates.split(",")), duration_s=args.duration, targets=targets,
                       max_tokens=args.max_tokens, stream_concurrency=args.streams, stream_tokens=args.stream_tokens,
-                      token_delay_ms=args.token_delay_ms)
+                      token_delay_ms=args.token_delay_ms, stream_duration_s=args.stream_duration)
     results = run_bench(cfg)
     results["command"] = "python -m loadtests.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)

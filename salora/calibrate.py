@@ -46,8 +46,10 @@ def record_input_moments(
     max_length: int = 512,
     batch_size: int = 8,
     progress: str | None = None,
+    all_tokens: bool = False,
 ) -> dict[str, Moments]:
-    """One forward pass per batch, hooks on every module; only assistant (label != -100) tokens count."""
+    """One forward pass per batch, hooks on every module; only assistant (label != -100) tokens
+    count, or with `all_tokens` every real token (what an input-side guard must cover)."""
     moments = {name: Moments(torch.zeros(m.in_features, m.in_features, dtype=torch.float64)) for name, m in modules.items()}
     mask: torch.Tensor | None = None
 
@@ -64,7 +66,7 @@ def record_input_moments(
         examples = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
         for i in tqdm(range(0, len(examples), batch_size), desc=progress, disable=progress is None, unit="batch"):
             batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
-            mask = batch["labels"] != IGNORE
+            mask = batch["attention_mask"].bool() if all_tokens else batch["labels"] != IGNORE
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for h in handles:
@@ -149,17 +151,22 @@ def calibrate(
     judge: Judge | None = None,
     energy: float | None = None,
     contrast_data: str | Path | None = None,
+    input_energy: float | None = None,
 ) -> dict:
     """Compute and save the safety basis V_s for every target module (DESIGN.md section 1).
 
     `energy` picks r_s per module as the fewest directions capturing that share of the spectrum
     (instead of a fixed `rank_safety`). `contrast_data` (benign conversations; with
     `generate_responses`, benign prompts the model answers itself) makes the basis contrastive.
+    `input_energy` also computes the input-side basis U (this project's guard, not the paper's):
+    input directions holding that share of the safety conversations' energy over all their tokens
+    (contrastive too when `contrast_data` is given).
     """
     out = Path(out)
     check_output_dir(out)
-    if energy is not None and not 0 < energy <= 1:
-        raise SaLoRAError("--energy must be in (0, 1]")
+    for flag, value in (("--energy", energy), ("--input-energy", input_energy)):
+        if value is not None and not 0 < value <= 1:
+            raise SaLoRAError(f"{flag} must be in (0, 1]")
     conversations = read_chat_jsonl(data, need_assistant=not generate_responses)[:max_samples]
     contrast = read_chat_jsonl(contrast_data, need_assistant=not generate_responses)[:max_samples] if contrast_data else None
     model, tokenizer = load_model(model_spec)
@@ -182,6 +189,19 @@ def calibrate(
     if contrast is not None:
         contrast_moments = record_input_moments(model, tokenizer, contrast, modules, batch_size=batch_size, progress="contrast")
     bases, captured = module_bases(modules, moments, None if energy else rank_safety, energy, contrast_moments)
+    tensors = {f"{name}.V": V for name, V in bases.items()}
+    input_ranks = {}
+    if input_energy is not None:
+        inputs = record_input_moments(model, tokenizer, conversations, modules, batch_size=batch_size, all_tokens=True)
+        contrast_inputs = (
+            record_input_moments(model, tokenizer, contrast, modules, batch_size=batch_size, all_tokens=True) if contrast is not None else None
+        )
+        for name in modules:
+            M = inputs[name].xtx / inputs[name].tokens
+            if contrast_inputs is not None:
+                M = M - contrast_inputs[name].xtx / contrast_inputs[name].tokens
+            tensors[f"{name}.U"], _ = top_directions(M, energy=input_energy)
+            input_ranks[name] = tensors[f"{name}.U"].shape[1]
     meta = {
         "base_model": model_id(model_spec),
         "base_weight_hash": weight_hash(modules),
@@ -196,17 +216,20 @@ def calibrate(
         "sequences": len(conversations),
         "response_tokens": tokens,
         "energy_captured": {name: round(e, 6) for name, e in sorted(captured.items())},
+        "input_energy": input_energy,
+        "input_ranks": dict(sorted(input_ranks.items())),
         "generated_responses": generated,
         "data": str(data),
     }
     with atomic_dir(out) as tmp:
-        save_file({f"{name}.V": V for name, V in bases.items()}, str(tmp / SAFETY_TENSORS))
+        save_file(tensors, str(tmp / SAFETY_TENSORS))
         write_json_atomic(tmp / SAFETY_META, meta)
     return meta
 
 
-def load_safety(path: str | Path, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """Read a safety directory and check it was made for these exact modules of this exact base."""
+def load_safety(path: str | Path, modules: dict[str, nn.Linear]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Read a safety directory and check it was made for these exact modules of this exact base.
+    Returns the output-side bases V and, when calibrated with an input energy, the input-side U."""
     path = Path(path)
     if not (path / SAFETY_TENSORS).is_file() or not (path / SAFETY_META).is_file():
         raise SaLoRAError(f"{path}: not a safety directory (needs {SAFETY_TENSORS} and {SAFETY_META})")
@@ -224,4 +247,5 @@ def load_safety(path: str | Path, modules: dict[str, nn.Linear]) -> dict[str, to
     for name, module in modules.items():
         if hashes[name] != weight_hash({name: module}):
             raise SaLoRAError(f"{path}: made for another base model ({meta.get('base_model')}); calibrate on this model")
-    return {name: tensors[f"{name}.V"] for name in modules}
+    inputs = {name: tensors[f"{name}.U"] for name in modules} if all(f"{name}.U" in tensors for name in modules) else None
+    return {name: tensors[f"{name}.V"] for name in modules}, inputs

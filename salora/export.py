@@ -40,7 +40,7 @@ def salora_lora_factors(path: str | Path, meta: dict) -> dict[str, tuple[torch.T
     """Per module path, the exact (lora_A, lora_B) of a SaLoRA checkpoint."""
     scale = SaLoRAConfig(**meta["salora"]).scale
     groups = split_state(load_file(str(Path(path) / SALORA_WEIGHTS)))
-    return {name: lora_factors(g["A"], g["B"], g["A0"], g["B0"], g["V"], scale) for name, g in groups.items()}
+    return {name: lora_factors(g["A"], g["B"], g["A0"], g["B0"], g["V"], scale, g.get("U")) for name, g in groups.items()}
 
 
 def _export_peft(checkpoint: Path, meta: dict, out: Path) -> dict:

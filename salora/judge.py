@@ -46,7 +46,8 @@ HEAD_CHARS = 240
 
 
 class Judge(Protocol):
-    """Decides whether a model's answer to a prompt is a refusal."""
+    """Decides whether a model's answer to a prompt is a refusal. A judge without `blocking = False`
+    is assumed to wait on I/O (a remote model) and is run in a worker thread by the gateway."""
 
     name: str
 
@@ -57,6 +58,7 @@ class KeywordJudge:
     """Refusal if a refusal phrase occurs in the first HEAD_CHARS characters of the answer."""
 
     name = "keyword"
+    blocking = False  # microseconds of CPU: callers may run it inline rather than in a worker thread
 
     def __init__(self, phrases: tuple[str, ...] = REFUSAL_PHRASES, head_chars: int = HEAD_CHARS) -> None:
         self.phrases = phrases

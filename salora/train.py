@@ -48,7 +48,7 @@ class TrainOptions:
     seed: int = 0
     target_modules: list[str] | None = None
     init: str = "task"
-    project: bool = True
+    projection: str = "output"
     task_rank: int = 32
     task_samples: int = 128
     max_length: int = 512
@@ -67,7 +67,7 @@ def _targets(opts: TrainOptions) -> list[str]:
 def _validate(opts: TrainOptions) -> None:
     if opts.method not in ("salora", "lora"):
         raise SaLoRAError(f"--method must be salora or lora, not {opts.method}")
-    if opts.method == "salora" and opts.project and not opts.safety:
+    if opts.method == "salora" and opts.projection != "none" and not opts.safety:
         raise SaLoRAError("--method salora needs --safety DIR (from `salora calibrate`)")
     for name, value in (("--rank", opts.rank), ("--batch-size", opts.batch_size), ("--epochs", opts.epochs)):
         if value < 1:
@@ -91,16 +91,18 @@ def train(opts: TrainOptions) -> dict:
     check_rank(modules, opts.rank, "--rank")
     base_hash = weight_hash(modules)
     config = SaLoRAConfig(
-        rank=opts.rank, alpha=opts.alpha, target_modules=targets, init=opts.init, task_rank=opts.task_rank, project=opts.project
+        rank=opts.rank, alpha=opts.alpha, target_modules=targets, init=opts.init, task_rank=opts.task_rank, projection=opts.projection
     )
     if opts.method == "salora":
-        safety = load_safety(opts.safety, modules) if opts.project else None
+        safety, input_bases = load_safety(opts.safety, modules) if opts.safety else (None, None)
+        if opts.projection in ("input", "both") and input_bases is None:
+            raise SaLoRAError(f"--projection {opts.projection} needs a safety basis calibrated with --input-energy")
         task_bases = None
         if config.init in ("task", "task-scaled"):
             check_rank(modules, config.task_rank, "--task-rank")
             moments = record_input_moments(model, tokenizer, conversations[: opts.task_samples], modules, opts.max_length, progress="task basis")
             task_bases, _ = module_bases(modules, moments, config.task_rank)
-        inject_salora(model, modules, config, safety, task_bases, seed=opts.seed)
+        inject_salora(model, modules, config, safety, task_bases, seed=opts.seed, input_bases=input_bases)
     else:
         model = get_peft_model(model, LoraConfig(r=opts.rank, lora_alpha=opts.alpha or opts.rank, target_modules=targets, lora_dropout=0.0))
 

@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-modules", type=csv_list, default=["q_proj", "v_proj"], help="comma-separated (default q_proj,v_proj)")
     p.add_argument("--rank-safety", type=int, default=32, help="r_s, safety directions per module (default 32)")
     p.add_argument("--energy", type=float, default=None, help="pick r_s per module as the fewest directions capturing this share of the spectrum (instead of --rank-safety)")
+    p.add_argument("--input-energy", type=float, default=None,
+                   help="also compute the input-side guard U capturing this share of the safety conversations' input energy")
     p.add_argument("--contrast-data", default=None, help="benign JSONL: make the basis contrastive (refusal minus benign directions)")
     p.add_argument("--preset", choices=["paper"], default=None, help="paper: q_proj,v_proj, r_s 32, top-variance basis, 128 samples")
     p.add_argument("--max-samples", type=int, default=128, help="conversations used (default 128)")
@@ -29,9 +31,11 @@ def run(args: argparse.Namespace) -> None:
 
     if args.preset == "paper":
         args.target_modules, args.rank_safety, args.energy, args.contrast_data, args.max_samples = ["q_proj", "v_proj"], 32, None, None, 128
+        args.input_energy = None
     meta = calibrate(
         args.model, args.data, args.out, args.target_modules, args.rank_safety, args.max_samples,
         args.generate_responses, args.max_new_tokens, args.batch_size, energy=args.energy, contrast_data=args.contrast_data,
+        input_energy=args.input_energy,
     )
     ranks = sorted(set(meta["ranks"].values()))
     print(f"{meta['basis']} safety basis, r_s {ranks[0]}..{ranks[-1]}, for {len(meta['modules'])} modules from {meta['response_tokens']} response tokens -> {args.out}")

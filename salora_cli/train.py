@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", choices=["task", "task-scaled", "zero"], default="task",
                    help="SaLoRA start: task-aware (paper), task-aware at LoRA's magnitude, or standard LoRA (zero B)")
     p.add_argument("--preset", choices=["paper"], default=None, help="paper: task-aware init, d_s 32, alpha = rank, the basis's modules")
-    p.add_argument("--no-projection", dest="project", action="store_false", help="ablation: SaLoRA init without the safety projection")
+    p.add_argument("--projection", choices=["output", "input", "both", "none"], default="output",
+                   help="output: the paper's C on every update; input: the input-side guard (needs --input-energy at calibration); none: ablation")
     p.add_argument("--task-rank", type=int, default=32, help="d_s, task directions for the task-aware init")
     p.add_argument("--max-length", type=int, default=512, help="tokens per conversation")
     p.add_argument("--save-every", type=int, default=None, help="also keep checkpoints/step-N every N steps")
@@ -34,13 +35,13 @@ def run(args: argparse.Namespace) -> None:
     from salora.train import TrainOptions, train
 
     if args.preset == "paper":
-        args.init, args.task_rank, args.alpha, args.project = "task", 32, None, True
+        args.init, args.task_rank, args.alpha, args.projection = "task", 32, None, "output"
 
     summary = train(
         TrainOptions(
             model=args.model, data=args.data, out=args.out, safety=args.safety, method=args.method, rank=args.rank,
             alpha=args.alpha, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-            seed=args.seed, target_modules=args.target_modules, init=args.init, project=args.project, task_rank=args.task_rank,
+            seed=args.seed, target_modules=args.target_modules, init=args.init, projection=args.projection, task_rank=args.task_rank,
             max_length=args.max_length, save_every=args.save_every,
         )
     )

@@ -176,3 +176,26 @@ def test_task_scaled_init_keeps_directions_at_lora_magnitude():
     factor = (A0.norm() / A1.norm()).item()
     assert factor > 1.5
     assert torch.allclose(A0, A1 * factor, atol=1e-5) and torch.allclose(B0, B1 * factor, atol=1e-4)
+
+
+def test_input_guard_update_ignores_safety_inputs_and_exports_exactly(tiny_model_dir, chat_files, tmp_path):
+    import json
+
+    calibrate(str(tiny_model_dir), chat_files["safety"], tmp_path / "safety", TARGETS, rank_safety=4, input_energy=0.9)
+    tensors = load_file(str(tmp_path / "safety" / SAFETY_TENSORS))
+    meta = json.loads((tmp_path / "safety" / "safety.json").read_text())
+    assert all(0 < r < 64 for r in meta["input_ranks"].values())
+    train(TrainOptions(model=str(tiny_model_dir), data=str(chat_files["task"]), out=str(tmp_path / "ckpt"), safety=str(tmp_path / "safety"),
+                       rank=4, lr=5e-3, max_steps=4, batch_size=4, task_rank=8, projection="both"))
+    export(tmp_path / "ckpt", tmp_path / "peft", "peft")
+    for name, delta in peft_deltas(tmp_path / "peft").items():
+        V, U = tensors[f"{name}.V"], tensors[f"{name}.U"]
+        assert delta.norm() > 0
+        assert (V.T @ delta).norm() / delta.norm() < 1e-4
+        assert (delta @ U).norm() / delta.norm() < 1e-4
+    ckpt_meta = json.loads((tmp_path / "ckpt" / "salora_config.json").read_text())
+    model, tokenizer = load_model(tiny_model_dir)
+    load_salora(model, linear_modules(model, TARGETS), load_file(str(tmp_path / "ckpt" / SALORA_WEIGHTS)), SaLoRAConfig(**ckpt_meta["salora"]).scale)
+    base, _ = load_model(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    assert rel_err(logits(peft_model, tokenizer), logits(model, tokenizer)) < 1e-4

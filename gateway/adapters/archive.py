@@ -137,16 +137,17 @@ def _unpack_zip(path: Path, dest: Path, budget: _Budget) -> None:
 
 
 def _kind(path: Path, filename: str) -> str | None:
-    """`tar`, `zip`, or None for a plain file; a name that promises an archive must hold one."""
+    """`tar` or `zip` for a file named as an archive (its content must agree), None for a plain file
+    (never sniffed: a PyTorch pickle is a zip file too)."""
+    if not filename.lower().endswith(ARCHIVE_SUFFIXES):
+        return None
     with path.open("rb") as f:
         head = f.read(262)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+    if filename.lower().endswith(".zip") and head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "zip"
-    if head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar":
+    if not filename.lower().endswith(".zip") and (head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar"):
         return "tar"
-    if filename.lower().endswith(ARCHIVE_SUFFIXES):
-        raise AdapterRejected(f"{filename}: not a tar or zip archive", code="bad_archive")
-    return None
+    raise AdapterRejected(f"{filename}: not a tar or zip archive", code="bad_archive")
 
 
 def unpack(parts: list[tuple[str, Path]], dest: Path, limits: LifecycleConfig) -> Path:

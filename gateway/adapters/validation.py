@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ KNOWN_KEYS = {
     "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
     "bias", "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+    "megatron_core", "qalora_group_size",  # defaults PEFT always writes; they act only with megatron_config / use_qalora
 }
 
 
@@ -97,7 +99,7 @@ def _pickles(root: Path) -> list[str]:
 
 def _export_checkpoint(root: Path, out: Path) -> Path:
     try:
-        export(root, out, "peft")
+        export(root, out, "peft")  # reads safetensors and JSON only
     except (SaLoRAError, KeyError, TypeError, ValueError, OSError) as e:
         raise _reject(f"the `salora train` checkpoint cannot be exported: {e}", code="bad_checkpoint") from e
     return out
@@ -244,12 +246,13 @@ def _sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def validate(root: Path, out: Path, base: BaseModelInfo, max_rank: int) -> AdapterInfo:
-    """Check the adapter (or checkpoint) in `root`; write the two files to serve into the empty
-    directory `out`. Raises AdapterRejected with the first problem found."""
+def validate(root: Path, work: Path, base: BaseModelInfo, max_rank: int) -> tuple[AdapterInfo, Path]:
+    """Check the adapter (or checkpoint) in `root`; returns its description and a new directory under
+    the scratch directory `work` holding just the two files to serve. Raises AdapterRejected with the
+    first problem found."""
     source = "peft"
     if (root / CHECKPOINT_CONFIG).is_file():
-        root, source = _export_checkpoint(root, root.parent / ".exported"), "checkpoint"
+        root, source = _export_checkpoint(root, work / "exported"), "checkpoint"
     config_path, weights_path = root / PEFT_CONFIG, root / PEFT_WEIGHTS
     if not weights_path.is_file():
         pickles = _pickles(root)
@@ -266,10 +269,11 @@ def validate(root: Path, out: Path, base: BaseModelInfo, max_rank: int) -> Adapt
     tensors = _read_header(weights_path)
     modules = _check_tensors(tensors, config, base)
     _check_finite(weights_path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = work / "adapter"
+    out.mkdir()
     files = [out / PEFT_CONFIG, out / PEFT_WEIGHTS]
     for source_path, target in zip((config_path, weights_path), files):
-        target.write_bytes(source_path.read_bytes())
+        shutil.copyfile(source_path, target)
     ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
     targets = config["target_modules"]
     return AdapterInfo(
@@ -277,4 +281,4 @@ def validate(root: Path, out: Path, base: BaseModelInfo, max_rank: int) -> Adapt
         target_modules=sorted(targets) if isinstance(targets, list) else [targets], modules=modules,
         size_bytes=sum(p.stat().st_size for p in files),
         base_model_name_or_path=config.get("base_model_name_or_path"),
-    )
+    ), out

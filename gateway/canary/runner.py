@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from gateway.canary.config import CanaryConfig
 from gateway.canary.degenerate import degenerate
-from gateway.canary.judges import JudgeError, canary_judges
+from gateway.canary.judges import ChatJudge, JudgeError, canary_judges
 from gateway.canary.probes import Probe, probe_set_key, select_probes
 from gateway.canary.report import Judged, ProbeOutcome, report
 from gateway.engines.base import Engine, EngineError, GenerationRequest, RequestRejected
@@ -26,9 +26,9 @@ class CanaryError(Exception):
 class BaseAnswers(Protocol):
     """Where the base model's probe answers are kept between runs (the registry's database)."""
 
-    def get(self, key: str) -> dict[str, str] | None: ...
+    def get_base_answers(self, key: str) -> dict[str, str] | None: ...
 
-    def put(self, key: str, answers: dict[str, str]) -> None: ...
+    def put_base_answers(self, key: str, answers: dict[str, str]) -> None: ...
 
 
 class CanaryRunner:
@@ -40,6 +40,11 @@ class CanaryRunner:
         self.harmful_judge, self.benign_judge = canary_judges(config.judge, judge)
         self.base_answers = base_answers
 
+    def close(self) -> None:
+        for judge in {id(j): j for j in (self.harmful_judge, self.benign_judge)}.values():
+            if isinstance(judge, ChatJudge):
+                judge.close()
+
     def cache_key(self, base: str) -> str:
         """The base's answers depend on the base (its id and weight identity) and the probe set only."""
         return hashlib.sha256(json.dumps({"base": base, **self.key}, sort_keys=True).encode()).hexdigest()
@@ -47,10 +52,10 @@ class CanaryRunner:
     async def run(self, adapter: str, base: str) -> dict[str, Any]:
         """The report of `adapter` (loaded in the engine) against the base identified by `base`."""
         key = self.cache_key(base)
-        cached = await asyncio.to_thread(self.base_answers.get, key)
+        cached = await asyncio.to_thread(self.base_answers.get_base_answers, key)
         candidate, base_answers = await self._answers(adapter, need_base=cached is None)
         if cached is None:
-            await asyncio.to_thread(self.base_answers.put, key, base_answers)
+            await asyncio.to_thread(self.base_answers.put_base_answers, key, base_answers)
         else:
             base_answers = cached
         missing = [p.id for p in self.probes if p.id not in base_answers]

@@ -87,7 +87,7 @@ class VLLMEngine:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         self.name = name
         self.model_id = model_id
-        self.error: str | None = None
+        self._error: str | None = None  # why the start failed
         self._config = config
         self._replicas = [Replica(url) for url in config.urls]
         self._initial = dict(adapters or {})
@@ -113,6 +113,17 @@ class VLLMEngine:
     def ready(self) -> bool:
         return self._started and any(r.up for r in self._replicas)
 
+    @property
+    def error(self) -> str | None:
+        """Why the engine cannot serve: its start failed, or every replica is down after the start
+        (None while it starts: the gateway reports loading)."""
+        if self._error is None and self._started and not self.ready:
+            return f"no replica of the {self.name} engine is up ({self._reasons()})"
+        return self._error
+
+    def _reasons(self) -> str:
+        return "; ".join(f"{r.url}: {r.reason}" for r in self._replicas if not r.up)
+
     def adapters(self) -> frozenset[str]:
         return self._names
 
@@ -124,16 +135,17 @@ class VLLMEngine:
             try:
                 self._probe_path = await asyncio.to_thread(self._write_probe, adapter_dir)
             except Exception as e:
-                self.error = f"the {self.name} engine's adapter_dir {adapter_dir}: {e}"
-                raise EngineError(self.error, kind="load") from e
+                self._error = f"the {self.name} engine's adapter_dir {adapter_dir}: {e}"
+                raise EngineError(self._error, kind="load") from e
+        await self._check_all()  # every replica that is up now is known before the first request
         self._watcher = asyncio.create_task(self._watch())
         await self._some_up.wait()
         for name, path in self._initial.items():
             try:
                 await self.load_adapter(name, path)
             except (EngineError, RequestRejected, ValueError, OSError) as e:
-                self.error = f"cannot load adapter {name}: {e}"
-                raise EngineError(self.error, kind="load") from e
+                self._error = f"cannot load adapter {name}: {e}"
+                raise EngineError(self._error, kind="load") from e
         self._started = True
 
     async def close(self) -> None:
@@ -219,7 +231,7 @@ class VLLMEngine:
         while True:
             up = [r for r in self._replicas if r.up and r not in tried]
             if not up:
-                detail = "; ".join(failures) or "; ".join(f"{r.url}: {r.reason}" for r in self._replicas)
+                detail = "; ".join(failures) or self._reasons()
                 raise EngineError(f"no replica of the {self.name} engine can serve this request ({detail})")
             if adapter is None:
                 return self._claim(min(up, key=_busy), None)
@@ -400,8 +412,11 @@ class VLLMEngine:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.gather(*(self._check(r) for r in self._replicas))
             await asyncio.sleep(self._config.health_interval_s)
+            await self._check_all()
+
+    async def _check_all(self) -> None:
+        await asyncio.gather(*(self._check(r) for r in self._replicas))
 
     async def _check(self, replica: Replica, refused: bool = False) -> None:
         """Health-check one replica; on its way up, read what it holds and check the volume."""

@@ -8,6 +8,7 @@ from typing import Literal
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Init = Literal["task", "task-scaled", "zero"]
+Projection = Literal["output", "input", "both", "none"]
 
 
 @dataclass
@@ -19,7 +20,8 @@ class SaLoRAConfig:
     directions but rescales both factors to the norm of a standard LoRA A, so the adapter trains
     at LoRA's effective learning rate (the paper's sqrt(S) factors make it train much harder);
     `zero` is standard LoRA (Kaiming A, zero B), for which the residual is the base itself.
-    project: apply the safety projection C = I - V_s V_s^T to every update (off only for ablations).
+    projection: `output` applies the paper's C = I - V_s V_s^T to every update; `input` applies this
+    project's input-side guard P = I - U U^T instead, `both` applies the two, `none` neither (ablation).
     """
 
     rank: int = 16
@@ -27,7 +29,7 @@ class SaLoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     init: Init = "task"
     task_rank: int = 32
-    project: bool = True
+    projection: Projection = "output"
 
     @property
     def scale(self) -> float:

@@ -1,7 +1,10 @@
-"""The SaLoRA linear layer: y = x W_res^T + s x A^T (C B)^T with C = I - V_s V_s^T.
+"""The SaLoRA linear layer: y = x W_res^T + s x (A P)^T (C B)^T with C = I - V_s V_s^T.
 
 C is never built (d_out^2): the effective up-projection C B = B - V_s (V_s^T B) costs
 d_out * r * r_s once per forward, not per token, which keeps SaLoRA's step time at LoRA's.
+P = I - U U^T is this project's optional input-side guard (not in the paper): with U spanning the
+module's inputs on safety conversations, the update cannot react to them (dW x ~ 0 there), so the
+model's computation on those conversations is left as it was. P is applied to A the same way.
 """
 
 from __future__ import annotations
@@ -18,15 +21,27 @@ def project_out(V: torch.Tensor | None, M: torch.Tensor) -> torch.Tensor:
     return M if V is None else M - V @ (V.T @ M)
 
 
+def project_rows(U: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
+    """A P = A - (A U) U^T; identity when there is no input basis."""
+    return A if U is None else A - (A @ U) @ U.T
+
+
+def _basis(T: torch.Tensor | None) -> torch.Tensor | None:
+    """Bases are stored as (d, 0) tensors when absent."""
+    return T if T is not None and T.shape[1] else None
+
+
 class SaLoRALinear(nn.Module):
     """Wraps a frozen nn.Linear whose weight already holds W_res.
 
-    Buffers: `V` (d_out x r_s, orthonormal safety basis, or empty when projection is off),
-    `A0`, `B0` (the initial factors, kept so export can express the delta against the
-    unmodified base). Parameters: `A` (r x d_in), `B` (d_out x r).
+    Buffers: `V` (d_out x r_s, orthonormal output-side safety basis) and `U` (d_in x r_u,
+    input-side), each (d, 0) when unused; `A0`, `B0` (the initial factors, kept so export can
+    express the delta against the unmodified base). Parameters: `A` (r x d_in), `B` (d_out x r).
     """
 
-    def __init__(self, base: nn.Linear, A0: torch.Tensor, B0: torch.Tensor, V: torch.Tensor | None, scale: float) -> None:
+    def __init__(
+        self, base: nn.Linear, A0: torch.Tensor, B0: torch.Tensor, V: torch.Tensor | None, scale: float, U: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.base = base
         self.scale = scale
@@ -35,30 +50,33 @@ class SaLoRALinear(nn.Module):
         self.register_buffer("A0", A0.clone())
         self.register_buffer("B0", B0.clone())
         self.register_buffer("V", V if V is not None else torch.empty(base.out_features, 0))
-
-    @property
-    def safety_basis(self) -> torch.Tensor | None:
-        return self.V if self.V.shape[1] else None
+        self.register_buffer("U", U if U is not None else torch.empty(base.in_features, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scale * F.linear(F.linear(x, self.A), project_out(self.safety_basis, self.B))
+        A = project_rows(_basis(self.U), self.A)
+        return self.base(x) + self.scale * F.linear(F.linear(x, A), project_out(_basis(self.V), self.B))
 
     @torch.no_grad()
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return lora_factors(self.A, self.B, self.A0, self.B0, self.safety_basis, self.scale)
+        return lora_factors(self.A, self.B, self.A0, self.B0, self.V, self.scale, self.U)
 
 
 def lora_factors(
-    A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, V: torch.Tensor | None, scale: float
+    A: torch.Tensor,
+    B: torch.Tensor,
+    A0: torch.Tensor,
+    B0: torch.Tensor,
+    V: torch.Tensor | None,
+    scale: float,
+    U: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard LoRA factors with lora_B @ lora_A == W' - W = s C B A - s C B0 A0 exactly, so the
-    adapter applies to the UNMODIFIED base: rank 2r `[s CB | -s CB0] [A ; A0]`, or rank r (s CB, A)
-    when the adapter started from B0 = 0."""
-    if V is not None and V.shape[1] == 0:
-        V = None
+    """Standard LoRA factors with lora_B @ lora_A == W' - W = s C B A P - s C B0 A0 P exactly, so
+    the adapter applies to the UNMODIFIED base: rank 2r `[s CB | -s CB0] [AP ; A0 P]`, or rank r
+    (s CB, AP) when the adapter started from B0 = 0."""
+    V, U = _basis(V), _basis(U)
     if not torch.any(B0):
-        return A.clone(), scale * project_out(V, B)
-    lora_A = torch.cat([A, A0], dim=0)
+        return project_rows(U, A).clone(), scale * project_out(V, B)
+    lora_A = torch.cat([project_rows(U, A), project_rows(U, A0)], dim=0)
     lora_B = torch.cat([scale * project_out(V, B), -scale * project_out(V, B0)], dim=1)
     return lora_A, lora_B
 

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from salora.tuner.config import SaLoRAConfig
-from salora.tuner.layer import SaLoRALinear, project_out, task_aware_init, zero_init
+from salora.tuner.layer import SaLoRALinear, project_out, project_rows, task_aware_init, zero_init
 
-TENSORS = ("A", "B", "A0", "B0", "V")
+TENSORS = ("A", "B", "A0", "B0", "V", "U")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -16,11 +16,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _wrap(model: nn.Module, name: str, linear: nn.Linear, A0: torch.Tensor, B0: torch.Tensor, V: torch.Tensor | None, scale: float) -> SaLoRALinear:
-    """Turn the base weight into the residual W_res = W - s C B0 A0 and wrap it, so the wrapped
+def _wrap(
+    model: nn.Module, name: str, linear: nn.Linear, A0: torch.Tensor, B0: torch.Tensor,
+    V: torch.Tensor | None, scale: float, U: torch.Tensor | None,
+) -> SaLoRALinear:
+    """Turn the base weight into the residual W_res = W - s C B0 A0 P and wrap it, so the wrapped
     model computes exactly the base at A = A0, B = B0."""
-    linear.weight -= scale * project_out(V, B0) @ A0
-    layer = SaLoRALinear(linear, A0, B0, V, scale)
+    linear.weight -= scale * project_out(V, B0) @ project_rows(U, A0)
+    layer = SaLoRALinear(linear, A0, B0, V, scale, U)
     _set_module(model, name, layer)
     return layer
 
@@ -33,22 +36,25 @@ def inject_salora(
     safety_bases: dict[str, torch.Tensor] | None,
     task_bases: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
+    input_bases: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, SaLoRALinear]:
-    """Replace each target nn.Linear by a SaLoRALinear and freeze everything else."""
+    """Replace each target nn.Linear by a SaLoRALinear and freeze everything else. `config.projection`
+    picks which of the output-side (`safety_bases`, V) and input-side (`input_bases`, U) guards apply."""
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for name in sorted(modules):
         W = modules[name].weight
-        V = safety_bases[name].to(W.dtype) if (config.project and safety_bases is not None) else None
+        V = safety_bases[name].to(W.dtype) if config.projection in ("output", "both") else None
+        U = input_bases[name].to(W.dtype) if config.projection in ("input", "both") else None
         if config.init in ("task", "task-scaled"):
             if task_bases is None:
                 raise ValueError("task-aware init needs task bases")
             A0, B0 = task_aware_init(W, task_bases[name], config.rank, scaled=config.init == "task-scaled")
         else:
             A0, B0 = zero_init(W.shape[0], W.shape[1], config.rank, generator)
-        layers[name] = _wrap(model, name, modules[name], A0, B0, V, config.scale)
+        layers[name] = _wrap(model, name, modules[name], A0, B0, V, config.scale, U)
     return layers
 
 
@@ -57,8 +63,8 @@ def load_salora(model: nn.Module, modules: dict[str, nn.Linear], state: dict[str
     """Rebuild a trained SaLoRA model (the training-time form) from a checkpoint's tensors."""
     layers = {}
     for name, t in split_state(state).items():
-        V = t["V"] if t["V"].shape[1] else None
-        layers[name] = _wrap(model, name, modules[name], t["A0"], t["B0"], V, scale)
+        bases = [t[k] if k in t and t[k].shape[1] else None for k in ("V", "U")]
+        layers[name] = _wrap(model, name, modules[name], t["A0"], t["B0"], bases[0], scale, bases[1])
         layers[name].A.copy_(t["A"])
         layers[name].B.copy_(t["B"])
     return layers

@@ -38,6 +38,7 @@ class FakeVLLM:
                  max_lora_rank: int = 64, max_model_len: int = 512) -> None:
         self.model, self.mount, self.max_lora_rank, self.max_model_len = model, mount, max_lora_rank, max_model_len
         self.adapters: dict[str, str] = {}
+        self.started: Counter[str] = Counter()  # chat requests begun, by model
         self.served: Counter[str] = Counter()  # completed chat requests by model
         self.loads: list[str] = []
         self.unloads: list[str] = []
@@ -105,6 +106,7 @@ class FakeVLLM:
                 return _error(400, f"max_tokens={body['max_tokens']} cannot be greater than max_model_len="
                                    f"{self.max_model_len}. Please request fewer output tokens.", "BadRequestError",
                               "max_tokens")
+            self.started[model] += 1
             prompt = body["messages"][-1]["content"]
             words = f"[{model}] {prompt}".split(" ")
             tokens = [w if i == 0 else " " + w for i, w in enumerate(words)][: body["max_tokens"]]

@@ -24,6 +24,7 @@ def create_tenant(body: TenantCreate, ctx: Context = Depends(context)) -> Tenant
         tenant, key = ctx.tenants.create(body.name, body.adapters, body.rpm, body.tpm)
     except TenantExists:
         raise APIError(409, f"A tenant named {body.name!r} exists.", param="name", code="tenant_exists") from None
+    ctx.create_known_series()
     return TenantWithKey(**TenantInfo.of(tenant).model_dump(), key=key)
 
 

@@ -1,15 +1,38 @@
+"""`POST /v1/chat/completions`, answered by a raw ASGI middleware in front of FastAPI's routing.
+
+Why not a FastAPI route: on the hot path FastAPI's exception middleware, exit stack, route matching
+and dependency solving were a third of the HTTP layer's CPU per request (docs/performance.md), and
+this handler uses none of them: it reads and checks its own body (so size limits, errors and
+metrics are handled in one place) and answers its own errors. Every other path still goes through
+FastAPI, and an unexpected exception still reaches Starlette's server-error middleware (a 500)."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.context import Context, context
+from gateway.errors import APIError
 from gateway.openai.chat_completion.serving import ChatServing
 
-router = APIRouter()
+PATH = "/v1/chat/completions"
 
 
-@router.post("/v1/chat/completions")
-async def create_chat_completion(request: Request, ctx: Context = Depends(context)) -> Response:
-    """OpenAI's chat completion. The body is read and checked by the handler itself (not by FastAPI)
-    so that size limits, errors and metrics are handled in one place."""
-    return await ChatServing(ctx).create(request)
+class ChatCompletionsRoute:
+    """Add with `app.add_middleware(ChatCompletionsRoute)`; the app's `state.context` must be set."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"][len(scope.get("root_path", "")):] != PATH:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            response = APIError(405, "Method Not Allowed", headers={"Allow": "POST"}).response()
+        else:
+            request = Request(scope, receive, send)
+            try:
+                response = await ChatServing(request.app.state.context).create(request)
+            except APIError as e:
+                response = e.response()
+        await response(scope, receive, send)

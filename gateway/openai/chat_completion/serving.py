@@ -73,8 +73,8 @@ class _Answer:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
     async def record(self) -> None:
-        """After the last byte: metrics and the tokens-per-minute charge; then, detached from the
-        connection, the judge's verdict on a completed answer."""
+        """After the last byte: metrics and the tokens-per-minute charge; then the judge's verdict on a
+        completed answer (a blocking judge's detached from the connection)."""
         m, tenant, model = self.ctx.metrics, self.tenant.name, self.model
         m.requests.labels(tenant, model, self.status).inc()
         m.duration.labels(model).observe(time.perf_counter() - self.started)
@@ -83,12 +83,21 @@ class _Answer:
         m.tokens.labels(tenant, model, "completion").inc(self.completion_tokens)
         self.ctx.limiter.charge_tokens(self.tenant, self.prompt_tokens + self.completion_tokens)
         if self.status == "200":
-            self.ctx.spawn(self._judge())
+            if getattr(self.ctx.judge, "blocking", True):
+                self.ctx.spawn(self._judge())
+            else:
+                await self._judge()
 
     async def _judge(self) -> None:
-        """In a worker thread: a judge may be slow (a remote model), and must never stall the loop."""
+        """A blocking judge (a remote model) runs in a worker thread and must never stall the loop. A
+        non-blocking one (the keyword judge) runs inline: it costs microseconds, and handing it to a
+        thread cost a fifth of the gateway's CPU per request in GIL hand-offs (docs/performance.md)."""
+        judge, answer = self.ctx.judge, "".join(self.parts)
         try:
-            refused = await to_thread.run_sync(self.ctx.judge.is_refusal, self.prompt, "".join(self.parts))
+            if getattr(judge, "blocking", True):
+                refused = await to_thread.run_sync(judge.is_refusal, self.prompt, answer)
+            else:
+                refused = judge.is_refusal(self.prompt, answer)
         except Exception:
             log.exception("the %s judge failed; answer left unclassified", self.ctx.judge.name)
             return
@@ -169,7 +178,7 @@ class ChatServing:
         engine, limits = self.ctx.engine, self.ctx.settings.limits
         if body.model == engine.model_id:
             adapter = None
-        elif body.model in engine.adapters() and tenant.may_use(body.model):
+        elif body.model in self.ctx.served_adapters() and tenant.may_use(body.model):
             adapter = body.model
         else:
             raise model_not_found(body.model)
@@ -225,11 +234,12 @@ class ChatServing:
                       include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         head = {"id": answer.id, "object": "chat.completion.chunk", "created": answer.created, "model": answer.model}
-        tail = {"usage": None} if include_usage else {}
+        # Everything around the delta is the same in every event: serialised once per stream, not per token.
+        prefix = f'data: {_dumps(head)[:-1]},"choices":[{{"index":0,"delta":'
+        suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
 
         def event(delta: dict[str, str], finish_reason: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return f"data: {_dumps({**head, 'choices': [choice], **tail})}\n\n"
+            return f'{prefix}{_dumps(delta)},"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{suffix}'
 
         async with aclosing(stream):  # type: ignore[type-var]
             yield event({"role": "assistant", "content": ""})

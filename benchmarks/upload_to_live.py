@@ -1,0 +1,122 @@
+"""Upload-to-live time of a rank-16 adapter on the embedded model: a real gateway (in process, over
+HTTP), the default canary probe sets, the default engine settings. The clock runs from the start of
+the upload to the moment the admin API reports the adapter live (validated, stored, hot-loaded, probed
+against the base, promoted). Measured twice on one gateway: `cold`, when the base model's probe answers
+are not cached yet (a fresh base or probe set), and `warm`, the usual case, when they are.
+
+    .venv/bin/python benchmarks/upload_to_live.py [--adapter DIR] [--out benchmarks/results/upload_to_live.json]
+
+Without `--adapter` it uploads LoRAs of rank 16 on q_proj and v_proj with small random B (answers
+close to the base's, as a passing adapter's are). The goal (issue 5): at most 60 s on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tarfile
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from peft import LoraConfig, get_peft_model
+
+from gateway.app import create_app
+from gateway.canary.probes import select_probes
+from gateway.settings import Settings
+from salora.models import EMBEDDED, load_model
+
+ADMIN_KEY = "benchmark-admin-key"
+GOAL_S = 60.0
+
+
+def synthetic_adapter(out: Path, seed: int, rank: int = 16) -> Path:
+    torch.manual_seed(seed)
+    model, _ = load_model(EMBEDDED)
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"]))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=1e-3)
+    peft.save_pretrained(out)
+    return out
+
+
+def archive(directory: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tar.add(directory / name, arcname=name)
+    return buffer.getvalue()
+
+
+def upload_to_live(http: httpx.Client, name: str, data: bytes) -> dict:
+    started = time.perf_counter()
+    r = http.post("/admin/adapters", data={"name": name}, files=[("file", (f"{name}.tar.gz", data))])
+    accepted = time.perf_counter() - started
+    if r.status_code != 202:
+        raise SystemExit(f"upload of {name} refused: {r.status_code} {r.text}")
+    while True:
+        detail = http.get(f"/admin/adapters/{name}").json()
+        if detail["state"] in ("live", "rejected") and not detail["canary_running"]:
+            break
+        time.sleep(0.05)
+    total = time.perf_counter() - started
+    run = detail["canary"]
+    canary_s = (datetime.fromisoformat(run["finished_at"]) - datetime.fromisoformat(run["started_at"])).total_seconds()
+    return {"state": detail["state"], "upload_to_live_s": round(total, 2), "accepted_s": round(accepted, 2),
+            "canary_s": round(canary_s, 2), "rank": detail["rank"], "base_cached": detail["report"]["base_cached"],
+            "rates": run["rates"], "reasons": run["reasons"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapter", type=Path, help="a PEFT adapter directory to upload (twice: cold, warm)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "upload_to_live.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        adapters = [args.adapter] * 2 if args.adapter else [synthetic_adapter(tmp_path / f"a{i}", i) for i in range(2)]
+        settings = Settings(model=EMBEDDED, admin_key=ADMIN_KEY, state_dir=tmp_path / "state")
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=600) as http:
+            while http.get("/readyz").status_code != 200:
+                time.sleep(0.1)
+            runs = {"cold": upload_to_live(http, "bench-cold", archive(adapters[0])),
+                    "warm": upload_to_live(http, "bench-warm", archive(adapters[1]))}
+        server.should_exit = True
+        thread.join(timeout=60)
+    probes = select_probes(settings.canary)
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads",
+        "load_average_after": os.getloadavg(),
+        "probes": {"harmful": sum(p.set == "harmful" for p in probes), "benign": sum(p.set == "benign" for p in probes),
+                   "max_new_tokens": settings.canary.max_new_tokens, "concurrency": settings.canary.concurrency,
+                   "max_batch_size": settings.max_batch_size},
+        "goal_s": GOAL_S,
+        **runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for label, run in runs.items():
+        verdict = "within" if run["upload_to_live_s"] <= GOAL_S else "OVER"
+        print(f"{label}: {run['state']} after {run['upload_to_live_s']:.1f} s (202 after {run['accepted_s']:.2f} s, "
+              f"canary {run['canary_s']:.1f} s) - {verdict} the {GOAL_S:.0f} s goal")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

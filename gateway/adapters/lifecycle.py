@@ -1,0 +1,430 @@
+"""The adapter lifecycle: upload -> validation -> canary -> live (or rejected), retirement, forced
+promotion, scheduled re-probes, and restoring every live adapter when the gateway starts.
+
+A candidate is hot-loaded into the serving engine under its own name so the canary can probe it
+through the same engine as live traffic, but it is *held back*: `held_back` names adapters that are
+loaded and must not be routed to. Promotion only releases it (nothing reloads, nothing restarts), so
+requests to other adapters never notice. Canary runs are serialised: one at a time per gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.adapters.archive import unpack
+from gateway.adapters.errors import AdapterRejected
+from gateway.adapters.registry import AdapterRecord, NameInUse, Registry, State
+from gateway.adapters.store import AdapterStore
+from gateway.adapters.validation import AdapterInfo, BaseModelInfo, inspect_base, validate
+from gateway.canary.runner import CanaryError, CanaryRunner
+from gateway.engines.base import Engine, EngineError
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from gateway.tenants import TenantStore
+from salora.errors import SaLoRAError
+from salora.judge import Judge
+from salora.models import resolve_model_dir
+
+log = logging.getLogger(__name__)
+CANARY = "canary"  # the actor of automatic decisions in the audit log
+INTERRUPTED_AFTER_S = 3600  # an upload still uploaded/validating this long after its last change was cut off
+
+
+@dataclass(frozen=True)
+class UploadPart:
+    """One uploaded file: its name as sent, and where the HTTP layer saved it."""
+
+    filename: str
+    path: Path
+
+
+def _not_found(name: str) -> AdapterRejected:
+    return AdapterRejected(f"No adapter named {name!r}.", code="adapter_not_found", status=404)
+
+
+def _conflict(message: str) -> AdapterRejected:
+    return AdapterRejected(message, code="invalid_state", status=409)
+
+
+class Lifecycle:
+    def __init__(self, settings: Settings, engine: Engine, registry: Registry, tenants: TenantStore,
+                 metrics: Metrics, judge: Judge, on_change: Callable[[], None]) -> None:
+        """`on_change` runs whenever the set of served adapters changes (it creates their metric series)."""
+        self.settings = settings
+        self.config = settings.lifecycle
+        self.engine = engine
+        self.registry = registry
+        self.tenants = tenants
+        self.metrics = metrics
+        self.on_change = on_change
+        self.store = AdapterStore(settings.state_dir / "adapters")
+        self.runner = CanaryRunner(engine, settings.canary, judge, registry)
+        self.held_back: frozenset[str] = frozenset()  # loaded in the engine, not to be routed to
+        self.ready = False  # live adapters restored
+        self._base: BaseModelInfo | None = None
+        self._base_lock = asyncio.Lock()
+        self._canary_lock = asyncio.Lock()
+        self._runs: dict[str, asyncio.Task[None]] = {}  # record id -> its canary run
+        self._scheduler: asyncio.Task[None] | None = None
+        self._started = time.time()
+
+    # --- start and stop ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Called once the engine is up: drop uploads a crash cut short, register the config's adapters,
+        load every live adapter, resume interrupted canaries, then start the schedule."""
+        await asyncio.to_thread(self.store.clear_incoming)
+        for record in await asyncio.to_thread(self.registry.all, (State.UPLOADED, State.VALIDATING)):
+            if (datetime.now(UTC) - record.updated_at).total_seconds() > INTERRUPTED_AFTER_S:
+                await self._forget(record)
+        await asyncio.to_thread(self._sync_config)
+        for record in await asyncio.to_thread(self.registry.all, (State.LIVE,)):
+            await asyncio.to_thread(self.tenants.grant, record.name, record.tenants)  # config tenants were reset
+            if record.source != "config" and record.name not in self.engine.adapters():
+                await self._restore(record)
+        for record in await asyncio.to_thread(self.registry.all, (State.PROBING,)):
+            if await self._load_for_probing(record):
+                self._spawn(record, "restart")
+        await self._refresh()
+        self.ready = True
+        tick = min(self.config.retry_interval_s, self.config.reprobe_interval_s or float("inf"))
+        self._scheduler = asyncio.create_task(self._schedule(tick))
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._scheduler, *self._runs.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.runner.close()
+
+    def _sync_config(self) -> None:
+        """Adapters declared in the settings are live by the operator's word: they are registered (so
+        they are listed, probed on schedule, and shown on dashboards) but never validated or gated."""
+        configured = self.settings.adapters
+        for record in self.registry.all((State.PROBING, State.LIVE)):
+            if record.source == "config" and record.name not in configured:
+                self.registry.transition(record.id, State.RETIRED, actor="config", action="retire",
+                                         reason="no longer in the gateway's config")
+            elif record.source != "config" and record.name in configured:  # the config's adapter wins
+                to = State.RETIRED if record.state == State.LIVE else State.REJECTED
+                self.registry.transition(record.id, to, actor="config", action=to.value,
+                                         reason="replaced by the config's adapter of the same name")
+        for name, path in configured.items():
+            record = self.registry.find(name)
+            if record is not None and record.source == "config" and record.state == State.LIVE:
+                if record.path != str(path):
+                    self.registry.update(record.id, path=str(path), actor="config", action="config")
+                continue
+            try:
+                self.registry.create(name, source="config", tenants=[], base_model=self.engine.model_id,
+                                     actor="config", state=State.LIVE, path=str(path))
+            except NameInUse:  # an upload of that name is being validated right now
+                log.error("adapter %s of the config is not registered: an upload of that name is in progress", name)
+
+    async def _restore(self, record: AdapterRecord) -> None:
+        try:
+            await self.engine.load_adapter(record.name, self._path(record))
+        except Exception as e:  # one unreadable adapter must not keep the others (or the gateway) down
+            log.error("cannot restore adapter %s: %s", record.name, e)
+            self.metrics.engine_errors.labels(self.engine.name, "load").inc()
+            await asyncio.to_thread(self.registry.update, record.id, flagged=f"not loaded at start: {e}",
+                                    actor="gateway", action="restore_failed", reason=str(e))
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def find(self, name: str) -> AdapterRecord:
+        record = self.registry.find(name)
+        if record is None:
+            raise _not_found(name)
+        return record
+
+    def probing(self, record: AdapterRecord) -> bool:
+        return record.id in self._runs
+
+    async def base(self) -> BaseModelInfo:
+        """The served base's layer shapes and weight identity, read once."""
+        async with self._base_lock:
+            if self._base is None:
+                try:
+                    model_dir = await asyncio.to_thread(resolve_model_dir, self.settings.model)
+                    self._base = await asyncio.to_thread(inspect_base, self.engine.model_id, model_dir)
+                except (SaLoRAError, OSError) as e:
+                    raise AdapterRejected(f"cannot read the base model's weights to check adapters against: {e}",
+                                          code="base_unavailable", status=503) from e
+            return self._base
+
+    # --- upload ---------------------------------------------------------------------------------
+
+    async def upload(self, name: str, tenants: list[str], parts: list[UploadPart], actor: str = "admin") -> AdapterRecord:
+        """Validate, store and hot-load (held back) an uploaded adapter, then start its canary. A failed
+        check raises AdapterRejected and leaves no record, no file and nothing loaded."""
+        unknown = sorted(t for t in set(tenants) if self.tenants.get(t) is None)
+        if unknown:
+            raise AdapterRejected(f"unknown tenants: {', '.join(unknown)}", code="unknown_tenant")
+        base = await self.base()
+        try:
+            record = await asyncio.to_thread(self.registry.create, name, source="upload", tenants=tenants,
+                                             base_model=self.engine.model_id, actor=actor)
+        except NameInUse:
+            active = self.registry.find(name)
+            raise AdapterRejected(f"An adapter named {name!r} is {active.state if active else 'in use'}; retire it "
+                                  "or choose another name.", code="name_in_use", status=409) from None
+        await self._refresh()
+        loaded = False
+        try:
+            await asyncio.to_thread(self.registry.transition, record.id, State.VALIDATING, actor=actor, action="validate")
+            info, path = await asyncio.to_thread(self._validate, parts, base)
+            record = await asyncio.to_thread(self.registry.update, record.id, sha256=info.sha256)
+            self.held_back |= {name}
+            try:
+                await self.engine.load_adapter(name, path)
+            except Exception as e:
+                raise AdapterRejected(f"the {self.engine.name} engine cannot load the adapter: {e}",
+                                      code="engine_rejected") from e
+            loaded = True
+            record = await asyncio.to_thread(
+                self.registry.transition, record.id, State.PROBING, actor=actor, action="probe",
+                source="checkpoint" if info.source == "checkpoint" else "upload", rank=info.rank,
+                target_modules=info.target_modules, size_bytes=info.size_bytes)
+        except BaseException:
+            if loaded:
+                await self.engine.unload_adapter(name)
+            self.held_back -= {name}
+            await self._forget(record)
+            raise
+        self._spawn(record, "upload")
+        return record
+
+    def _validate(self, parts: list[UploadPart], base: BaseModelInfo) -> tuple[AdapterInfo, Path]:
+        """In a worker thread: unpack and check in a scratch directory, then store by content hash."""
+        with self.store.scratch() as work:
+            (work / "unpacked").mkdir()
+            root = unpack([(p.filename, p.path) for p in parts], work / "unpacked", self.config)
+            info, staged = validate(root, work, base, self.config.max_rank)
+            return info, self.store.put(staged, info.sha256)
+
+    async def _forget(self, record: AdapterRecord) -> None:
+        """Remove a record that never passed validation, and its files unless another record shares them."""
+        fresh = await asyncio.to_thread(self.registry.get, record.id)
+        await asyncio.to_thread(self.registry.forget, record.id)
+        if fresh is not None and fresh.sha256 and await asyncio.to_thread(self.registry.uses, fresh.sha256) == 0:
+            await asyncio.to_thread(self.store.remove, fresh.sha256)
+        await self._refresh()
+
+    # --- admin actions --------------------------------------------------------------------------
+
+    async def probe(self, name: str, actor: str = "admin") -> AdapterRecord:
+        """Run the canary again: on a live adapter it may flag it; a rejected one that passes goes live;
+        a probing one whose last run ended in an error gets another try."""
+        record = self.find(name)
+        if self.probing(record):
+            raise _conflict(f"A canary run of {name!r} is in progress.")
+        if record.state == State.REJECTED:
+            try:
+                record = await asyncio.to_thread(self.registry.transition, record.id, State.PROBING, actor=actor,
+                                                 action="probe")
+            except NameInUse:
+                raise _conflict(f"Another adapter named {name!r} is active.") from None
+            await self._refresh()
+            if not await self._load_for_probing(record):
+                raise AdapterRejected(f"the {self.engine.name} engine cannot load {name!r}", code="engine_rejected",
+                                      status=503)
+        elif record.state not in (State.LIVE, State.PROBING):  # probing and idle: its last run erred
+            raise _conflict(f"{name!r} is {record.state}; it cannot be probed.")
+        self._spawn(record, "manual")
+        return record
+
+    async def retire(self, name: str, actor: str, reason: str | None) -> AdapterRecord:
+        """Stop routing to a live adapter, unload it, keep its record. A canary run of it is cancelled."""
+        record = self.find(name)
+        if record.state != State.LIVE:
+            raise _conflict(f"{name!r} is {record.state}; only a live adapter can be retired.")
+        if record.source == "config":
+            raise _conflict(f"{name!r} is declared in the gateway's config; remove it there.")
+        run = self._runs.get(record.id)
+        if run is not None:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+        return await self._retire(record, actor, reason or "retired by an admin")
+
+    async def _retire(self, record: AdapterRecord, actor: str, reason: str) -> AdapterRecord:
+        self.held_back |= {record.name}
+        try:
+            record = await asyncio.to_thread(self.registry.transition, record.id, State.RETIRED, actor=actor,
+                                             action="retire", reason=reason)
+            await asyncio.to_thread(self.tenants.revoke, record.name)
+            if record.name in self.engine.adapters():
+                await self.engine.unload_adapter(record.name)
+        finally:
+            self.held_back -= {record.name}
+        self._clear_gauges(record.name)
+        await self._refresh()
+        return record
+
+    async def force_live(self, name: str, actor: str, reason: str) -> AdapterRecord:
+        """An admin override: a rejected adapter goes live anyway; who and why go to the audit log."""
+        record = self.find(name)
+        if record.state != State.REJECTED:
+            raise _conflict(f"{name!r} is {record.state}; only a rejected adapter can be forced live.")
+        try:
+            await self._hold_and_load(record)
+        except Exception as e:
+            raise AdapterRejected(f"the {self.engine.name} engine cannot load {name!r}: {e}", code="engine_rejected",
+                                  status=503) from e
+        try:
+            record = await asyncio.to_thread(self.registry.transition, record.id, State.LIVE, actor=actor,
+                                             action="force_live", reason=reason)
+        except NameInUse:
+            await self.engine.unload_adapter(record.name)
+            self.held_back -= {record.name}
+            raise _conflict(f"Another adapter named {name!r} is active.") from None
+        return await self._release(record)
+
+    # --- the canary -----------------------------------------------------------------------------
+
+    def _spawn(self, record: AdapterRecord, trigger: str) -> None:
+        task = asyncio.create_task(self._canary(record.id, trigger))
+        self._runs[record.id] = task
+        task.add_done_callback(lambda _: self._runs.pop(record.id, None))
+
+    async def _canary(self, record_id: str, trigger: str) -> None:
+        async with self._canary_lock:
+            record = await asyncio.to_thread(self.registry.get, record_id)
+            if record is None or record.state not in (State.PROBING, State.LIVE):
+                return
+            started = datetime.now(UTC)
+            try:
+                base = await self.base()
+                report = await self.runner.run(record.name, base.key)
+            except (CanaryError, EngineError, AdapterRejected) as e:
+                log.error("canary run of %s failed: %s", record.name, e)
+                report = {"result": "error", "error": str(e)}
+            except Exception as e:  # a bug must not leave the adapter waiting without a trace
+                log.exception("canary run of %s failed", record.name)
+                report = {"result": "error", "error": f"{type(e).__name__}: {e}"}
+            await asyncio.to_thread(self.registry.add_run, record.id, trigger, report["result"], started, report)
+            self.metrics.canary_runs.labels(report["result"]).inc()
+            if report["result"] == "error":
+                return
+            self._set_gauge(self.engine.model_id, report, "base")
+            await self._verdict(record_id, report)
+
+    async def _verdict(self, record_id: str, report: dict[str, Any]) -> None:
+        record = await asyncio.to_thread(self.registry.get, record_id)
+        assert record is not None
+        passed = report["result"] == "pass"
+        reason = "; ".join(report["reasons"]) or None
+        if record.state == State.PROBING and passed:
+            record = await asyncio.to_thread(self.registry.transition, record.id, State.LIVE, actor=CANARY,
+                                             action="promote")
+            await self._release(record)
+        elif record.state == State.PROBING:
+            await self._unload_rejected(record, CANARY, reason)
+        elif record.state == State.LIVE:
+            self._set_gauge(record.name, report, "candidate")
+            if passed and record.flagged:
+                await asyncio.to_thread(self.registry.update, record.id, flagged=None, actor=CANARY, action="unflag")
+            elif not passed and self.config.pull_failing and record.source != "config":
+                await self._retire(record, CANARY, f"failed a canary re-probe: {reason}")
+            elif not passed:
+                log.warning("live adapter %s failed a canary re-probe: %s", record.name, reason)
+                await asyncio.to_thread(self.registry.update, record.id, flagged=reason, actor=CANARY, action="flag",
+                                        reason=reason)
+
+    async def _load_for_probing(self, record: AdapterRecord) -> bool:
+        """Load a probing adapter held back; one that cannot be loaded is rejected with the reason."""
+        try:
+            await self._hold_and_load(record)
+        except Exception as e:
+            log.error("cannot load adapter %s for its canary: %s", record.name, e)
+            self.metrics.engine_errors.labels(self.engine.name, "load").inc()
+            await asyncio.to_thread(self.registry.transition, record.id, State.REJECTED, actor="gateway",
+                                    action="reject", reason=f"the {self.engine.name} engine cannot load it: {e}")
+            await self._refresh()
+            return False
+        return True
+
+    async def _unload_rejected(self, record: AdapterRecord, actor: str, reason: str | None) -> None:
+        await asyncio.to_thread(self.registry.transition, record.id, State.REJECTED, actor=actor, action="reject",
+                                reason=reason)
+        if record.name in self.engine.adapters():
+            await self.engine.unload_adapter(record.name)
+        self.held_back -= {record.name}
+        self._clear_gauges(record.name)
+        await self._refresh()
+
+    async def _hold_and_load(self, record: AdapterRecord) -> None:
+        """Load an adapter for probing without letting traffic reach it."""
+        self.held_back |= {record.name}
+        if record.name not in self.engine.adapters():
+            try:
+                await self.engine.load_adapter(record.name, self._path(record))
+            except Exception:
+                self.held_back -= {record.name}
+                raise
+
+    async def _release(self, record: AdapterRecord) -> AdapterRecord:
+        """A loaded adapter that just became live: grant its tenants, then let traffic in."""
+        await asyncio.to_thread(self.tenants.grant, record.name, record.tenants)
+        self.held_back -= {record.name}
+        if record.last_run_id:
+            run = await asyncio.to_thread(self.registry.run, record.last_run_id)
+            if run is not None and run.result != "error":
+                self._set_gauge(record.name, run.report, "candidate")
+        await self._refresh()
+        return record
+
+    async def _schedule(self, tick: float) -> None:
+        """Retry canaries that ended in an error; probe live adapters again every `reprobe_interval_s`."""
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                await self._due()
+            except Exception:
+                log.exception("the canary schedule failed; trying again at the next tick")
+
+    async def _due(self) -> None:
+        now = time.time()
+        for record in await asyncio.to_thread(self.registry.all, (State.PROBING, State.LIVE)):
+            if self.probing(record):
+                continue
+            run = await asyncio.to_thread(self.registry.run, record.last_run_id) if record.last_run_id else None
+            last = run.finished_at.timestamp() if run else self._started
+            if record.state == State.PROBING and now - last >= self.config.retry_interval_s:
+                self._spawn(record, "retry")
+            elif record.state == State.LIVE and self.config.reprobe_interval_s and now - last >= self.config.reprobe_interval_s:
+                self._spawn(record, "schedule")
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _path(self, record: AdapterRecord) -> Path:
+        if record.source == "config":
+            assert record.path is not None
+            return Path(record.path)
+        assert record.sha256 is not None
+        return self.store.path(record.sha256)
+
+    def _set_gauge(self, adapter: str, report: dict[str, Any], who: str) -> None:
+        for probe in ("harmful", "benign"):
+            self.metrics.canary_refusal_rate.labels(adapter, probe).set(report["rates"][probe][who]["refusal_rate"])
+
+    def _clear_gauges(self, adapter: str) -> None:
+        for probe in ("harmful", "benign"):
+            try:
+                self.metrics.canary_refusal_rate.remove(adapter, probe)
+            except KeyError:
+                pass
+
+    async def _refresh(self) -> None:
+        """The state gauge (every state, 0 for none) and the served adapters' metric series."""
+        counts = await asyncio.to_thread(self.registry.counts)
+        for state, n in counts.items():
+            self.metrics.adapters.labels(state.value).set(n)
+        self.on_change()
+

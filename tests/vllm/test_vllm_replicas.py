@@ -1,0 +1,78 @@
+"""Two real vLLM replicas behind one gateway: an adapter's requests go to the replica that holds it,
+and when that replica is killed in the middle of a request, the request and those after it succeed
+on the other one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Settings
+from tests.gateway.conftest import LiveGateway
+from tests.vllm.conftest import VLLMServer, start_vllm, vllm_metric, vllm_models
+from tests.vllm.test_gateway import sample
+
+NAME = "arith"
+PROMPT = "Write a short story about a lighthouse keeper."
+DONE = "vllm:request_success_total"
+
+
+@pytest.fixture(scope="module")
+def secondary(vllm_up: VLLMServer, embedded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    server = start_vllm(embedded_dir, "smollm2-vllm", tmp_path_factory.mktemp("vllm-secondary") / "vllm.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(serve_app, vllm_up: VLLMServer, secondary: VLLMServer, salora_adapter: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> LiveGateway:
+    """The secondary replica is listed first: with both empty, the adapter goes there, so killing its
+    holder leaves the session's primary server running. No health checks run during the test: the
+    request that meets the dead replica finds out by itself."""
+    state = tmp_path_factory.mktemp("vllm-replicas")
+    (state / "shared").mkdir()
+    settings = Settings(model="embedded", engine="vllm", state_dir=state, adapters={NAME: salora_adapter},
+                        vllm={"urls": [secondary.url, vllm_up.url], "adapter_dir": state / "shared",
+                              "health_interval_s": 3600})
+    gw = serve_app(settings)
+    gw.wait_ready(timeout=180)
+    return gw
+
+
+def test_requests_go_to_the_replica_holding_their_adapter(gateway: LiveGateway, vllm_up: VLLMServer,
+                                                          secondary: VLLMServer) -> None:
+    assert NAME in vllm_models(secondary) and NAME not in vllm_models(vllm_up)
+    before = {s.url: vllm_metric(s, DONE) for s in (secondary, vllm_up)}
+    for _ in range(3):
+        assert gateway.chat("none", NAME, PROMPT, max_tokens=4).choices[0].message.content
+    after = {s.url: vllm_metric(s, DONE) for s in (secondary, vllm_up)}
+    assert after[secondary.url] - before[secondary.url] == 3 and after[vllm_up.url] == before[vllm_up.url]
+
+
+def test_killing_the_holder_mid_request_fails_over(gateway: LiveGateway, vllm_up: VLLMServer,
+                                                   secondary: VLLMServer) -> None:
+    expected = gateway.chat("none", NAME, PROMPT, max_tokens=48).choices[0].message.content
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(gateway.chat, "none", NAME, PROMPT, max_tokens=48)
+        deadline = time.monotonic() + 60
+        while vllm_metric(secondary, "vllm:num_requests_running") < 1:
+            assert time.monotonic() < deadline and not running.done()
+            time.sleep(0.02)
+        secondary.kill()
+        answer = running.result(timeout=300).choices[0].message.content
+    assert answer == expected  # answered again, from the start, by the other replica
+    assert sample(gateway, "salora_engine_errors_total", engine="vllm", kind="retry") >= 1
+    assert sample(gateway, "salora_engine_errors_total", engine="vllm", kind="replica_down") == 1
+    assert NAME in vllm_models(vllm_up)
+    stream = gateway.client("none").chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=48, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    assert gateway.chat("none", gateway.ctx.engine.model_id, PROMPT, max_tokens=4).choices[0].message.content

@@ -1,0 +1,93 @@
+"""The gateway driving a real vLLM server on the embedded model: a SaLoRA adapter is uploaded, passes
+its canary through vLLM, answers through the official client exactly as the in-process engine does,
+and retiring it unloads it from vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.canary.probes import select_probes
+from gateway.settings import Settings
+from tests.gateway.conftest import ADMIN_KEY, LiveGateway
+from tests.lifecycle.conftest import adapter_files, upload, wait_state
+from tests.vllm.conftest import VLLMServer, greedy_answers, vllm_metric, vllm_models
+
+PROMPTS = ["Tom has 12 apples and buys 30 more. How many apples does he have?", "Name three colours."]
+MAX_TOKENS = 24
+NAME = "arith"
+
+
+@pytest.fixture(scope="module")
+def gateway(serve_app, vllm_up: VLLMServer, tmp_path_factory: pytest.TempPathFactory) -> LiveGateway:
+    """A gateway on the vLLM engine whose adapter volume is a local directory vLLM reads too, with a
+    small canary that every adapter passes (the gate's verdicts are tested elsewhere; here it is the
+    path through vLLM that counts)."""
+    state = tmp_path_factory.mktemp("vllm-gateway")
+    (state / "shared").mkdir()
+    settings = Settings(
+        model="embedded", engine="vllm", admin_key=ADMIN_KEY, state_dir=state,
+        vllm={"urls": [vllm_up.url], "adapter_dir": state / "shared", "health_interval_s": 1.0},
+        canary={"harmful_per_category": 1, "benign_per_kind": 1, "max_new_tokens": 16, "harmful_margin": 1.0,
+                "benign_max_bad_rate": 1.0},
+    )
+    gw = serve_app(settings)
+    gw.wait_ready(timeout=180)
+    return gw
+
+
+@pytest.fixture(scope="module")
+def key(gateway: LiveGateway) -> str:
+    response = gateway.admin("POST", "/admin/tenants", json={"name": "acme", "adapters": []})
+    assert response.status_code == 201, response.text
+    return response.json()["key"]
+
+
+@pytest.fixture(scope="module")
+def live(gateway: LiveGateway, key: str, vllm_up: VLLMServer, salora_adapter: Path) -> dict[str, float]:
+    """Upload the adapter for acme and wait for its canary; vLLM's finished requests before and after."""
+    before = vllm_metric(vllm_up, "vllm:request_success_total")
+    response = upload(gateway, NAME, adapter_files(salora_adapter), tenants=("acme",))
+    assert response.status_code == 202, response.text
+    detail = wait_state(gateway, NAME, timeout=600)
+    assert detail["state"] == "live", detail
+    return {"before": before, "after": vllm_metric(vllm_up, "vllm:request_success_total")}
+
+
+@pytest.fixture(scope="module")
+def reference(salora_adapter: Path) -> dict[str | None, list[str]]:
+    return greedy_answers("embedded", salora_adapter, PROMPTS, MAX_TOKENS)
+
+
+def test_the_canary_runs_through_vllm(gateway: LiveGateway, live: dict[str, float]) -> None:
+    probes = len(select_probes(gateway.ctx.settings.canary))
+    assert live["after"] - live["before"] >= 2 * probes  # the candidate's and the base's answers, all by vLLM
+
+
+def test_vllm_answers_equal_the_in_process_engine(gateway: LiveGateway, key: str, live: dict[str, float],
+                                                  reference: dict[str | None, list[str]]) -> None:
+    client = gateway.client(key)
+    base = gateway.ctx.engine.model_id
+    for i, prompt in enumerate(PROMPTS):
+        messages = [{"role": "user", "content": prompt}]
+        for model, expected in ((NAME, reference["adapter"][i]), (base, reference[None][i])):
+            plain = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+            stream = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True})
+            chunks = list(stream)
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert plain.choices[0].message.content == streamed == expected, (model, prompt)
+            assert chunks[-1].usage == plain.usage and plain.usage.completion_tokens > 0
+    assert reference["adapter"] != reference[None]  # the adapter changes the answers: vLLM applied it
+
+
+def test_retiring_unloads_the_adapter_from_vllm(gateway: LiveGateway, key: str, live: dict[str, float],
+                                                vllm_up: VLLMServer) -> None:
+    assert NAME in vllm_models(vllm_up)
+    response = gateway.admin("DELETE", f"/admin/adapters/{NAME}", json={"actor": "test", "reason": "done"})
+    assert response.status_code == 200 and response.json()["state"] == "retired", response.text
+    assert NAME not in vllm_models(vllm_up)
+    with pytest.raises(openai.NotFoundError):
+        gateway.chat(key, NAME, PROMPTS[0], max_tokens=4)
