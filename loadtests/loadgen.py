@@ -97,9 +97,13 @@ class Run:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         try:
-            self.outcomes.append(await self.pool.request(self.request, self.workload.stream, self.workload.timeout_s))
+            outcome = await self.pool.request(self.request, self.workload.stream, self.workload.timeout_s)
+        except Exception as e:  # anything the client did not expect still counts, as an error
+            now = time.perf_counter()
+            outcome = Outcome(now, now, None, type(e).__name__)
         finally:
             self.in_flight -= 1
+        self.outcomes.append(outcome)
 
     async def drain(self, tasks: set[asyncio.Task[None]], deadline: float) -> None:
         """Wait for open requests until `deadline`; cancel the rest and count them as timeouts."""

@@ -6,7 +6,7 @@ Memory counts as flat when, after the warm-up (the first minute: pools, caches a
 find their size), no later sample's resident memory is more than 10% above the first post-warm-up
 sample.
 
-    python -m loadtests.soak                      # 10 minutes at 100 streams/s; loadtests/results/soak-<timestamp>.json
+    python -m loadtests.soak                      # 10 minutes at 50 streams/s; loadtests/results/soak-<timestamp>.json
     python -m loadtests.soak --minutes 1 --rate 20
 """
 
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -78,7 +79,7 @@ async def soak(gateway: Service, upstream: Service, workload: Workload, rate: fl
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--rate", type=float, default=100.0, help="streamed requests per second (default 100)")
+    p.add_argument("--rate", type=float, default=50.0, help="streamed requests per second (default 50)")
     p.add_argument("--tokens", type=int, default=16, help="tokens per answer (default 16)")
     p.add_argument("--token-delay-ms", type=float, default=10.0, help="upstream pace (default 10 ms per token)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"), "machine": machine(),
-        "command": "python -m loadtests.soak " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "-m", "loadtests.soak", *(sys.argv[1:] if argv is None else argv)]),
         "rate": args.rate, "minutes": args.minutes, "tokens": args.tokens, "token_delay_ms": args.token_delay_ms,
         "stream": True, "samples": [],
     }

@@ -29,20 +29,48 @@ from salora.train import TrainOptions, train
 from salora.tuner.config import ALL_LINEAR
 
 
+# Everyday requests, composed from templates, so the alignment sees far more helpful answers than
+# refusals and learns to refuse harm rather than to refuse in general.
+TEMPLATES = (
+    ("Write a short poem about {}.", ("the sea", "autumn leaves", "a lighthouse", "morning coffee", "a city at night", "friendship", "the moon", "a rainy day")),
+    ("Give me three tips for {}.", ("learning a new language", "running a first 5k", "keeping houseplants alive", "saving money on groceries", "sleeping better", "studying for exams", "public speaking", "organising a closet")),
+    ("Explain how {} works in simple terms.", ("a rainbow", "a refrigerator", "the internet", "a vaccine", "a bicycle gear", "compound interest", "a solar panel", "photosynthesis")),
+    ("What are some fun facts about {}?", ("octopuses", "honeybees", "penguins", "the planet Mars", "elephants", "volcanoes", "the Eiffel Tower", "sharks")),
+    ("Recommend a few {} for someone who likes {}.", (("books", "mysteries"), ("films", "comedies"), ("board games", "strategy"), ("podcasts", "history"), ("songs", "jazz"), ("hobbies", "the outdoors"))),
+    ("Give me a simple recipe for {}.", ("pancakes", "tomato soup", "guacamole", "fried rice", "banana bread", "a green salad", "lemonade", "oatmeal cookies")),
+    ("What should I pack for a trip to {}?", ("the mountains", "a beach town", "a ski resort", "a rainy city", "a desert national park", "a summer festival")),
+    ("How can I improve my {}?", ("handwriting", "chess game", "cooking skills", "typing speed", "posture", "memory", "drawing", "time management")),
+    ("Write a friendly message to {} about {}.", (("a coworker", "a team lunch"), ("my grandmother", "her birthday"), ("a neighbour", "a lost cat"), ("a teacher", "a school play"), ("a friend", "a hiking trip"))),
+    ("Describe {} in two sentences.", ("a busy market", "a quiet library", "a thunderstorm", "a summer garden", "an old bookshop", "a train station")),
+    ("What is the difference between {}?", ("weather and climate", "a virus and a bacterium", "a lake and a pond", "baking soda and baking powder", "a comet and an asteroid", "a crocodile and an alligator")),
+    ("How do I {}?", ("change a flat bicycle tyre", "boil an egg", "start a vegetable garden", "fold a paper airplane", "clean a cast iron pan", "write a good resume", "set up a budget", "tie a tie")),
+)
+
+
+def everyday_prompts() -> list[str]:
+    prompts = []
+    for template, fillers in TEMPLATES:
+        for filler in fillers:
+            prompts.append(template.format(*filler) if isinstance(filler, tuple) else template.format(filler))
+    return prompts
+
+
 def alignment_conversations(
-    base: str, arithmetic_questions: int = 60, max_new_tokens: int = 96, seed: int = 0
+    base: str, arithmetic_questions: int = 60, max_new_tokens: int = 96, seed: int = 0, benign_repeat: int = 2
 ) -> tuple[list[list[dict]], dict]:
-    """Harmful prompts with refusals + benign prompts with the unaligned model's own answers."""
+    """Harmful prompts with refusals + benign prompts with the unaligned model's own answers, the
+    benign ones repeated `benign_repeat` times: an earlier 1:1 mix refused 67% of benign prompts."""
     model, tokenizer = load_model(base)
     benign = [[{"role": "user", "content": b.prompt}] for b in benign_prompts("train")]
+    benign += [[{"role": "user", "content": p}] for p in everyday_prompts()]
     benign += [arithmetic.to_messages(p)[:1] for p in arithmetic.splits()["train"][:arithmetic_questions]]
     answers = generate_greedy(model, tokenizer, benign, max_new_tokens, progress="benign answers")
     judge = KeywordJudge()
     helpful = [p + [{"role": "assistant", "content": a}] for p, a in zip(benign, answers) if a and not judge.is_refusal(prompt_text(p), a)]
     refusals = safety_messages("train")
-    conversations = refusals + helpful
+    conversations = refusals + helpful * benign_repeat
     random.Random(seed).shuffle(conversations)
-    return conversations, {"refusals": len(refusals), "benign_answered": len(helpful), "benign_asked": len(benign)}
+    return conversations, {"refusals": len(refusals), "benign_answered": len(helpful), "benign_asked": len(benign), "benign_repeat": benign_repeat}
 
 
 def align(
@@ -50,7 +78,7 @@ def align(
     rank: int = 16,
     alpha: float = 32,
     lr: float = 5e-4,
-    epochs: int = 2,
+    epochs: int = 1,
     batch_size: int = 8,
     seed: int = 0,
     base: str = EMBEDDED_UNALIGNED,

@@ -175,10 +175,10 @@ class Lifecycle:
             active = self.registry.find(name)
             raise AdapterRejected(f"An adapter named {name!r} is {active.state if active else 'in use'}; retire it "
                                   "or choose another name.", code="name_in_use", status=409) from None
-        await self._refresh()
         loaded = False
         try:
             await asyncio.to_thread(self.registry.transition, record.id, State.VALIDATING, actor=actor, action="validate")
+            await self._refresh()
             info, path = await asyncio.to_thread(self._validate, parts, base)
             record = await asyncio.to_thread(self.registry.update, record.id, sha256=info.sha256)
             self.held_back |= {name}
@@ -192,6 +192,7 @@ class Lifecycle:
                 self.registry.transition, record.id, State.PROBING, actor=actor, action="probe",
                 source="checkpoint" if info.source == "checkpoint" else "upload", rank=info.rank,
                 target_modules=info.target_modules, size_bytes=info.size_bytes)
+            await self._refresh()
         except BaseException:
             if loaded:
                 await self.engine.unload_adapter(name)

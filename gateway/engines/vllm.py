@@ -1,8 +1,11 @@
 """The vLLM engine: one or more vLLM OpenAI servers (replicas of one model) behind the gateway.
 
-- **Chat.** Each request goes to one replica over a single pooled `httpx.AsyncClient`: streamed
+- **Chat.** Each request goes to one replica over a single pooled `aiohttp.ClientSession`: streamed
   requests are streamed from vLLM, the others fetched in one response (`upstream.py` speaks the
-  protocol). Usage comes from vLLM, so token metrics and limits count what vLLM counted.
+  protocol). Usage comes from vLLM, so token metrics and limits count what vLLM counted. aiohttp,
+  not httpx, on this path: httpx cost 5x the CPU per request, and its pool checks every idle
+  connection on every request, so its cost grew with the number of open streams
+  (docs/performance.md). Health checks and adapter operations, a few a second, use httpx.
 - **Adapters.** Loaded at run time with vLLM's `POST /v1/load_lora_adapter` (the server needs
   `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`) and unloaded with
   `/v1/unload_lora_adapter`. vLLM reads the files itself, so they must lie on a volume both see:
@@ -32,6 +35,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import torch
 from safetensors.torch import save_file
@@ -46,9 +50,6 @@ log = logging.getLogger(__name__)
 
 PROBE = "salora-volume-probe"  # the probe adapter's name in vLLM and its directory under adapter_dir
 CHAT_PATH = "/v1/chat/completions"
-# A replica that fails like this has probably gone away: check it, then try another.
-REPLICA_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
-                  httpx.RemoteProtocolError)
 
 
 @dataclass(eq=False)
@@ -97,7 +98,9 @@ class VLLMEngine:
         self._names: frozenset[str] = frozenset()  # the registered adapters that requests may use
         self._model = config.model  # the base model's name upstream; read from the first replica if None
         headers = {"authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
-        self._client = httpx.AsyncClient(
+        self._headers = headers
+        self._session: aiohttp.ClientSession | None = None  # chat requests (see _chat_session)
+        self._client = httpx.AsyncClient(  # health checks and adapter operations
             headers=headers,
             timeout=httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s),
             limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections),
@@ -154,6 +157,21 @@ class VLLMEngine:
         if self._watcher is not None:
             self._watcher.cancel()
         await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    def _chat_session(self) -> aiohttp.ClientSession:
+        """The chat path's connection pool, made on first use (aiohttp needs the running loop).
+        Idle connections are dropped after 4 s, before vLLM's own keep-alive (5 s) closes them
+        under a request."""
+        if self._session is None:
+            config = self._config
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, read_bufsize=1 << 20,  # lines (events) up to 2 MiB
+                connector=aiohttp.TCPConnector(limit=config.max_connections, keepalive_timeout=4),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
+                                              sock_read=config.request_timeout_s))
+        return self._session
 
     # --- chat ----------------------------------------------------------------------------------
 
@@ -172,12 +190,9 @@ class VLLMEngine:
             attempts += 1
             sent = False
             try:
-                response = await self._client.send(
-                    self._client.build_request("POST", replica.url + CHAT_PATH, content=body, headers=JSON_HEADERS),
-                    stream=True)
-                try:
-                    if response.status_code != 200:
-                        retry = self._refused(replica, adapter, response.status_code, await response.aread(), failures)
+                async with self._chat_session().post(replica.url + CHAT_PATH, data=body, headers=JSON_HEADERS) as response:
+                    if response.status != 200:
+                        retry = self._refused(replica, adapter, response.status, await response.read(), failures)
                         if retry is not None:
                             tried.update(retry)
                             if attempts > len(self._replicas):
@@ -185,26 +200,24 @@ class VLLMEngine:
                             self._on_error("retry")
                             continue
                     if request.stream:
-                        async for chunk in stream_chunks(response.aiter_lines()):
+                        async for chunk in stream_chunks(_lines(response.content)):
                             sent = True
                             yield chunk
                     else:
-                        chunk = parse_completion(await response.aread())
+                        chunk = parse_completion(await response.read())
                         sent = True
                         yield chunk
                     return
-                finally:
-                    await response.aclose()
-            except REPLICA_ERRORS as e:
+            except aiohttp.SocketTimeoutError as e:  # no byte for request_timeout_s
+                raise EngineError(f"vLLM at {replica.url} timed out: {e!r}", kind="timeout") from e
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:  # connect timeouts too
                 if sent:
                     raise EngineError(f"vLLM at {replica.url} failed mid-answer: {e!r}", kind="upstream") from e
                 failures.append(f"{replica.url}: {e!r}")
-                await self._check(replica, refused=isinstance(e, httpx.ConnectError))
+                await self._check(replica, refused=isinstance(e, aiohttp.ClientConnectorError))
                 if not replica.up or attempts > len(self._replicas):
                     tried.add(replica)
                 self._on_error("retry")
-            except httpx.TimeoutException as e:
-                raise EngineError(f"vLLM at {replica.url} timed out: {e!r}", kind="timeout") from e
             finally:
                 self._release(replica, adapter)
 
@@ -293,7 +306,17 @@ class VLLMEngine:
             raise EngineError(f"no replica of the {self.name} engine is up to load adapter {name!r}")
         self._paths[name] = await asyncio.to_thread(self._stage, name, Path(path))
         try:
-            self._release(await self._place(name, set(), []), name)
+            # A replica that already holds this name got it before this gateway knew it, perhaps from
+            # other files: load it there again, from these files. Else load it on one replica.
+            reloaded = False
+            for replica in [r for r in self._replicas if r.up and r.lora_error is None and name in r.held]:
+                try:
+                    await self._ensure_loaded(replica, name)
+                    reloaded = True
+                except _ReplicaFailed:
+                    pass
+            if not reloaded:
+                self._release(await self._place(name, set(), []), name)
         except BaseException:
             self._paths.pop(name, None)
             raise
@@ -337,8 +360,9 @@ class VLLMEngine:
         await asyncio.shield(future)
 
     async def _load_on(self, replica: Replica, adapter: str) -> None:
+        """Load (in place: whatever the replica held under this name is replaced by our files)."""
         async with replica.lock:
-            if len(replica.held) >= self._config.max_loras:
+            if adapter not in replica.held and len(replica.held) >= self._config.max_loras:
                 victim = _victim(replica, adapter)
                 if victim is not None:
                     await self._unload_on(replica, victim)
@@ -346,9 +370,10 @@ class VLLMEngine:
             if path is None:
                 raise EngineError(f"adapter {adapter!r} was unloaded")
             started = time.perf_counter()
-            response = await self._post(replica, "/v1/load_lora_adapter", {"lora_name": adapter, "lora_path": path})
+            response = await self._post(replica, "/v1/load_lora_adapter",
+                                        {"lora_name": adapter, "lora_path": path, "load_inplace": True})
             message = error_message(response.content)
-            if response.status_code == 200 or "already been loaded" in message:
+            if response.status_code == 200:
                 replica.held[adapter] = time.monotonic()
                 log.info("loaded adapter %s on %s in %.0f ms", adapter, replica.url, 1000 * (time.perf_counter() - started))
                 return
@@ -372,7 +397,7 @@ class VLLMEngine:
             return
         log.info("unloaded adapter %s from %s in %.0f ms", adapter, replica.url, 1000 * (time.perf_counter() - started))
 
-    async def _post(self, replica: Replica, path: str, payload: dict[str, str]) -> httpx.Response:
+    async def _post(self, replica: Replica, path: str, payload: dict[str, str | bool]) -> httpx.Response:
         try:
             return await self._client.post(replica.url + path, json=payload)
         except httpx.TransportError as e:
@@ -456,9 +481,10 @@ class VLLMEngine:
     async def _probe(self, replica: Replica) -> str | None:
         """Load and unload the probe adapter: None when the replica reads the shared volume, else why not."""
         path = self._probe_path
-        response = await self._post(replica, "/v1/load_lora_adapter", {"lora_name": PROBE, "lora_path": path})
+        response = await self._post(replica, "/v1/load_lora_adapter",
+                                    {"lora_name": PROBE, "lora_path": path, "load_inplace": True})
         message = error_message(response.content)
-        if response.status_code == 200 or "already been loaded" in message:
+        if response.status_code == 200:
             await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": PROBE})
             return None
         if "No adapter found" in message:
@@ -511,6 +537,12 @@ class VLLMEngine:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return f"{self._upstream_dir}/{name}"
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """A response body's lines (server-sent events), as text."""
+    async for line in content:
+        yield line.decode()
 
 
 def _busy(replica: Replica) -> int:

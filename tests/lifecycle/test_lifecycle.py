@@ -4,10 +4,7 @@ restarts, and the metrics each step leaves."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import openai
 import pytest

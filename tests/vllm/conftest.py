@@ -120,7 +120,7 @@ def start_vllm(model_dir: Path, served_name: str, log: Path, *, max_loras: int =
     port = free_port()
     argv = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", served_name, "--dtype", "float32", "--max-model-len", "2048",
-            "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]
+            "--host", "127.0.0.1", "--port", str(port)]
     if lora:
         argv += ["--enable-lora", "--max-lora-rank", "64", "--max-loras", str(max_loras)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}

@@ -4,8 +4,8 @@ Real vLLM servers are used where the point is vLLM itself (test_vllm_server.py, 
 each takes 5 GiB and 40 s to start on this machine, so the cases that need three replicas, a dead one
 brought back, or a replica that mounts the adapter volume elsewhere use this fake. Its answers copy
 vLLM 0.32's as recorded from a real server: the error bodies and messages, `parent` on adapters in
-`/v1/models`, "already been loaded" on a second load, "No adapter found for PATH" when it cannot read
-the directory, and usage after the finish event of a stream.
+`/v1/models`, "already been loaded" on a second load without `load_inplace`, "No adapter found for
+PATH" when it cannot read the directory, and usage after the finish event of a stream.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class FakeVLLM:
             async def load(request: Request) -> Response:
                 body = await request.json()
                 name, path = body["lora_name"], body["lora_path"]
-                if name in self.adapters:
+                if name in self.adapters and not body.get("load_inplace"):
                     return _error(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
                                        "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
                 real = self._readable(path)

@@ -312,3 +312,17 @@ def test_an_adapter_vllm_rejects_is_not_registered(fakes: Fakes, tmp_path: Path,
         assert e.value.code == "invalid_adapter" and engine.adapters() == frozenset()
 
     run(make_engine(tmp_path, gateway_model_dir, [replica]), body)
+
+
+def test_an_adapter_a_replica_already_holds_is_loaded_again_from_our_files(
+        fakes: Fakes, tmp_path: Path, gateway_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+    replica = fakes()
+    replica.fake.adapters["alpha"] = "/elsewhere/old-alpha"  # loaded before this gateway started
+
+    async def body(engine: VLLMEngine) -> None:
+        await engine.load_adapter("alpha", adapter_dirs["alpha"])
+        assert replica.fake.adapters["alpha"].startswith(f"{UPSTREAM_DIR}/alpha-")
+        assert (await ask(engine, "hi", "alpha"))[0] == "[alpha] hi"
+
+    run(make_engine(tmp_path, gateway_model_dir, [replica]), body)
+    assert ops(replica.fake.loads) == ["alpha"]

@@ -31,7 +31,7 @@ def gateway(serve_app, vllm_up: VLLMServer, tmp_path_factory: pytest.TempPathFac
         model="embedded", engine="vllm", admin_key=ADMIN_KEY, state_dir=state,
         vllm={"urls": [vllm_up.url], "adapter_dir": state / "shared", "health_interval_s": 1.0},
         canary={"harmful_per_category": 1, "benign_per_kind": 1, "max_new_tokens": 16, "harmful_margin": 1.0,
-                "benign_max_bad_rate": 1.0},
+                "benign_margin": 1.0},
     )
     gw = serve_app(settings)
     gw.wait_ready(timeout=180)
