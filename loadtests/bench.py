@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 import psutil
@@ -122,7 +122,7 @@ def _set_token_delay(upstream: Service, ms: float) -> None:
     httpx.post(f"{upstream.url}/fake/config", json={"token_delay_ms": ms}).raise_for_status()
 
 
-async def _sweep(cfg: BenchConfig, services: dict[str, Service], log: Any) -> dict[str, dict[str, Any]]:
+async def _sweep(cfg: BenchConfig, services: dict[str, Service], log: TextIO) -> dict[str, dict[str, Any]]:
     everyone = list(services.values())
     workload = Workload(stream=False, max_tokens=cfg.max_tokens)
     for name in cfg.targets:  # warm-up: connections, imports on first use, caches
@@ -153,7 +153,7 @@ async def _sweep(cfg: BenchConfig, services: dict[str, Service], log: Any) -> di
             for name, by_rate in runs.items()}
 
 
-async def _streams(cfg: BenchConfig, services: dict[str, Service], log: Any) -> dict[str, Any]:
+async def _streams(cfg: BenchConfig, services: dict[str, Service], log: TextIO) -> dict[str, Any]:
     _set_token_delay(services["upstream"], cfg.token_delay_ms)
     workload = Workload(stream=True, max_tokens=cfg.stream_tokens, timeout_s=60)
     out: dict[str, Any] = {"concurrency": cfg.stream_concurrency, "tokens": cfg.stream_tokens,
@@ -180,7 +180,7 @@ def max_sustained(results: dict[str, dict[str, Any]]) -> dict[str, float | None]
             for name, by_rate in results.items()}
 
 
-def run_bench(cfg: BenchConfig, log: Any = sys.stderr) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     """Start the processes, run the sweep and the streams phase, stop everything; the results."""
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)

@@ -20,10 +20,11 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 import uvloop
@@ -47,7 +48,8 @@ def memory_verdict(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, 
 
 
 async def soak(gateway: Service, upstream: Service, workload: Workload, rate: float, duration_s: float,
-               interval_s: float, record: dict[str, Any], save: Any, log: Any) -> None:
+               interval_s: float, record: dict[str, Any], save: Callable[[], None], log: TextIO) -> None:
+    """Send at `rate` for `duration_s`; every `interval_s` append a sample to `record` and `save()`."""
     run, tasks, lags = Run(Target(gateway.url, gateway.model, gateway.key), workload), set(), []
     sender = asyncio.create_task(pace(run, rate, duration_s, tasks, lags))
     t0 = last = time.perf_counter()

@@ -86,7 +86,6 @@ class AdapterInfo:
     target_modules: list[str]
     modules: int  # layers the adapter changes
     size_bytes: int
-    base_model_name_or_path: str | None
 
 
 def _reject(message: str, code: str = "invalid_adapter") -> AdapterRejected:
@@ -262,9 +261,6 @@ def validate(root: Path, work: Path, base: BaseModelInfo, max_rank: int) -> tupl
         raise _reject(f"no {PEFT_WEIGHTS} in the upload", code="missing_file")
     if not config_path.is_file():
         raise _reject(f"no {PEFT_CONFIG} in the upload", code="missing_file")
-    for path in (config_path, weights_path):
-        if path.is_symlink() or not path.is_file():
-            raise _reject(f"{path.name} must be a regular file", code="unsafe_archive")
     config = _read_config(config_path, max_rank)
     tensors = _read_header(weights_path)
     modules = _check_tensors(tensors, config, base)
@@ -280,5 +276,4 @@ def validate(root: Path, work: Path, base: BaseModelInfo, max_rank: int) -> tupl
         sha256=_sha256(files), source=source, rank=max(ranks),
         target_modules=sorted(targets) if isinstance(targets, list) else [targets], modules=modules,
         size_bytes=sum(p.stat().st_size for p in files),
-        base_model_name_or_path=config.get("base_model_name_or_path"),
     ), out

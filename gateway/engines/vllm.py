@@ -100,10 +100,15 @@ class VLLMEngine:
         headers = {"authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
         self._headers = headers
         self._session: aiohttp.ClientSession | None = None  # chat requests (see _chat_session)
-        self._client = httpx.AsyncClient(  # health checks and adapter operations
+        # Health checks and adapter operations. Idle connections expire after 4 s, before vLLM's
+        # keep-alive (5 s) closes them: with httpx's default, also 5 s, a health check every 5 s
+        # sometimes reused a connection the server was closing, and one such check took the replica
+        # out for a whole interval (a 10-minute soak saw 250 requests answered 503).
+        self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections),
+            limits=httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections,
+                                keepalive_expiry=4),
         )
         self._watcher: asyncio.Task[None] | None = None
         self._some_up = asyncio.Event()
@@ -183,7 +188,7 @@ class VLLMEngine:
             raise EngineError(f"adapter {adapter!r} is not loaded")
         body = chat_body(request, adapter or self._model or "")
         tried: set[Replica] = set()
-        failures: list[str] = []
+        failures: dict[str, str] = {}  # replica URL -> why it did not answer this request
         attempts = 0
         while True:
             replica = await self._place(adapter, tried, failures)
@@ -213,7 +218,7 @@ class VLLMEngine:
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:  # connect timeouts too
                 if sent:
                     raise EngineError(f"vLLM at {replica.url} failed mid-answer: {e!r}", kind="upstream") from e
-                failures.append(f"{replica.url}: {e!r}")
+                failures[replica.url] = repr(e)
                 await self._check(replica, refused=isinstance(e, aiohttp.ClientConnectorError))
                 if not replica.up or attempts > len(self._replicas):
                     tried.add(replica)
@@ -222,13 +227,13 @@ class VLLMEngine:
                 self._release(replica, adapter)
 
     def _refused(self, replica: Replica, adapter: str | None, status: int, content: bytes,
-                 failures: list[str]) -> set[Replica] | None:
+                 failures: dict[str, str]) -> set[Replica] | None:
         """What a non-200 answer means: raise when no replica would do better; else return the
         replicas not to try again (empty: this one may be tried again)."""
         message = error_message(content)
         if status in (400, 422):
             raise rejected(content)
-        failures.append(f"{replica.url}: {status} {message}")
+        failures[replica.url] = f"{status} {message}"
         if status == 404 and adapter is not None and adapter in replica.held:
             replica.held.pop(adapter)  # it restarted or another gateway unloaded it: load it again
             return set()
@@ -238,13 +243,14 @@ class VLLMEngine:
 
     # --- placement -----------------------------------------------------------------------------
 
-    async def _place(self, adapter: str | None, tried: set[Replica], failures: list[str]) -> Replica:
+    async def _place(self, adapter: str | None, tried: set[Replica], failures: dict[str, str]) -> Replica:
         """A replica for one request on `adapter` (None: the base model), claimed for it: the
         caller releases it with `_release`. Loads the adapter there if needed."""
         while True:
             up = [r for r in self._replicas if r.up and r not in tried]
             if not up:
-                detail = "; ".join(failures) or self._reasons()
+                reasons = {**{r.url: r.reason for r in self._replicas if not r.up}, **failures}
+                detail = "; ".join(f"{url}: {reason}" for url, reason in reasons.items())
                 raise EngineError(f"no replica of the {self.name} engine can serve this request ({detail})")
             if adapter is None:
                 return self._claim(min(up, key=_busy), None)
@@ -261,7 +267,7 @@ class VLLMEngine:
                 await self._ensure_loaded(replica, adapter)
             except _ReplicaFailed as e:
                 self._release(replica, adapter)
-                failures.append(f"{replica.url}: {e}")
+                failures[replica.url] = str(e)
                 tried.add(replica)
                 continue
             except BaseException:
@@ -316,7 +322,7 @@ class VLLMEngine:
                 except _ReplicaFailed:
                     pass
             if not reloaded:
-                self._release(await self._place(name, set(), []), name)
+                self._release(await self._place(name, set(), {}), name)
         except BaseException:
             self._paths.pop(name, None)
             raise

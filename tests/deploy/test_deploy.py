@@ -55,8 +55,8 @@ def k8s(kind: str, name: str) -> dict[str, Any]:
 
 
 def flags(args: list[str]) -> dict[str, str]:
-    """`--name=value` and bare `--name` arguments of a command line."""
-    return dict((a.removeprefix("--").split("=", 1) + [""])[:2] for a in args if a.startswith("--"))  # type: ignore[misc]
+    """`--name=value` and bare `--name` (value "") arguments of a command line."""
+    return {name: value for name, _, value in (a[2:].partition("=") for a in args if a.startswith("--"))}
 
 
 def gateway_config(text: str, tmp_path: Path, model_dir: Path) -> Settings:

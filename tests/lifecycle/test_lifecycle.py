@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.engines.base import Chunk, EngineError, GenerationRequest
 from salora.calibrate import calibrate
 from salora.train import TrainOptions, train
-from tests.lifecycle.conftest import (SameAsBaseJudge, adapter_files, harmful_probe_count, lifecycle_settings,
+from tests.lifecycle.conftest import (CANARY, SameAsBaseJudge, adapter_files, harmful_probe_count, lifecycle_settings,
                                       make_lora, running, tar_gz, upload, wait_state)
 
 STATES = ("uploaded", "validating", "probing", "live", "rejected", "retired")
@@ -244,3 +244,20 @@ def test_config_adapters_are_registered_live(tmp_path, gateway_model_dir, adapte
                  SameAsBaseJudge()) as gw:
         states = {a["name"]: a["state"] for a in gw.admin("GET", "/admin/adapters").json()["data"]}
         assert states == {"alpha": "live", "beta": "retired"}  # gone from the config: retired
+
+
+def test_llm_judge_behind_an_openai_compatible_endpoint(tmp_path, gateway_model_dir):
+    """`canary.judge` sends every verdict to a chat endpoint; here another gateway serves it. The tiny
+    model answers gibberish, which is no verdict: the run ends as an error, never as a pass."""
+    judge_settings = lifecycle_settings(tmp_path / "judge-state", gateway_model_dir, admin_key=None)
+    with running(judge_settings) as judge_gw:
+        settings = lifecycle_settings(tmp_path / "state", gateway_model_dir,
+                                      canary={**CANARY, "judge": {"url": f"{judge_gw.url}/v1", "model": "tiny"}})
+        with running(settings) as gw:
+            upload(gw, "judged", adapter_files(make_lora(gateway_model_dir, tmp_path / "a")))
+            detail = wait_state(gw, "judged", states=("probing",))
+            assert detail["canary"]["result"] == "error"
+            assert "the classify:tiny judge answered" in detail["canary"]["error"]
+            assert not detail["serving"]
+        served = samples(judge_gw, "salora_requests_total")
+        assert served[(("adapter", "tiny"), ("status", "200"), ("tenant", "anonymous"))] >= 1

@@ -29,8 +29,8 @@ def sample(gw: LiveGateway, name: str, **labels: str) -> float:
     return 0.0
 
 
-def tenant(gw: LiveGateway, name: str, adapters: list[str]) -> str:
-    response = gw.admin("POST", "/admin/tenants", json={"name": name, "adapters": adapters})
+def tenant(gw: LiveGateway, name: str, adapters: list[str], **limits: int) -> str:
+    response = gw.admin("POST", "/admin/tenants", json={"name": name, "adapters": adapters, **limits})
     assert response.status_code == 201, response.text
     return response.json()["key"]
 
@@ -102,7 +102,7 @@ def test_a_route_serves_a_model_name_from_another_deployment(fakes: Fakes, serve
                              routes={"acme-support": "acme-dedicated"})
     gw = serve_app(settings)
     gw.wait_ready()
-    acme, other = tenant(gw, "acme", ["acme-support"]), tenant(gw, "globex", [])
+    acme, other = tenant(gw, "acme", ["acme-support"], rpm=2), tenant(gw, "globex", [])
     assert [m.id for m in gw.client(acme).models.list().data] == ["base", "acme-support"]
     reply = gw.chat(acme, "acme-support", "hello")
     assert reply.model == "acme-support" and reply.choices[0].message.content == "[acme-merged] hello"
@@ -113,8 +113,16 @@ def test_a_route_serves_a_model_name_from_another_deployment(fakes: Fakes, serve
         gw.chat(other, "acme-support", "hello")
     assert gw.chat(other, "base", "hello").choices[0].message.content == "[base] hello"
     assert merged.fake.served == {"acme-merged": 2} and shared.fake.served == {"base": 1}
+    with pytest.raises(openai.RateLimitError):  # limits apply: acme may make 2 requests a minute
+        gw.chat(acme, "acme-support", "hello")
     assert sample(gw, "salora_requests_total", tenant="acme", adapter="acme-support", status="200") == 2
+    assert sample(gw, "salora_requests_total", tenant="acme", adapter="acme-support", status="429") == 1
     assert sample(gw, "salora_requests_total", tenant="globex", adapter="other", status="404") == 1
+    assert sample(gw, "salora_tokens_total", tenant="acme", adapter="acme-support", kind="completion") == 4
+    deadline = time.monotonic() + 5  # each answer is judged after it was sent
+    while sample(gw, "salora_responses_total", tenant="acme", adapter="acme-support", refused="false") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_engine_settings(tmp_path: Path, gateway_model_dir: Path) -> None:
