@@ -27,7 +27,6 @@ class Outcome:
     done: float
     first_token: float | None
     error: str | None
-    body_bytes: int = 0
 
 
 class ResponseError(Exception):
@@ -44,7 +43,6 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.status = 0
         self.first_token: float | None = None
-        self.body_bytes = 0
         self.scan = False
 
     # asyncio.Protocol
@@ -67,7 +65,6 @@ class _Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
-        self.body_bytes += len(body)
         if self.scan and _CONTENT.search(body):
             self.first_token, self.scan = time.perf_counter(), False
 
@@ -85,7 +82,7 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes, stream: bool) -> None:
         assert self.transport is not None
-        self.status, self.first_token, self.body_bytes, self.scan = 0, None, 0, stream
+        self.status, self.first_token, self.scan = 0, None, stream
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         await self.waiter
@@ -135,7 +132,7 @@ class Pool:
             self.idle.append(conn)
         elif error is not None:
             conn.close()  # a half-read response must not leak into the next request
-        return Outcome(sent, done, conn.first_token, error, conn.body_bytes)
+        return Outcome(sent, done, conn.first_token, error)
 
     def close(self) -> None:
         while self.idle:
