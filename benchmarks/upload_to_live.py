@@ -4,10 +4,13 @@ the upload to the moment the admin API reports the adapter live (validated, stor
 against the base, promoted). Measured twice on one gateway: `cold`, when the base model's probe answers
 are not cached yet (a fresh base or probe set), and `warm`, the usual case, when they are.
 
-    .venv/bin/python benchmarks/upload_to_live.py [--adapter DIR] [--out benchmarks/results/upload_to_live.json]
+    [OMP_NUM_THREADS=1] .venv/bin/python benchmarks/upload_to_live.py [--adapter DIR] [--out FILE]
 
 Without `--adapter` it uploads LoRAs of rank 16 on q_proj and v_proj with small random B (answers
 close to the base's, as a passing adapter's are). The goal (issue 5): at most 60 s on this machine.
+On a machine shared with other jobs, `OMP_NUM_THREADS=1` avoids oversubscribing the cores, which
+otherwise slows decoding several times over; the thread count and the load average before and after
+are recorded with the result.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, help="a PEFT adapter directory to upload (twice: cold, warm)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "upload_to_live.json")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         adapters = [args.adapter] * 2 if args.adapter else [synthetic_adapter(tmp_path / f"a{i}", i) for i in range(2)]
@@ -102,6 +106,7 @@ def main() -> None:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads",
+        "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "probes": {"harmful": sum(p.set == "harmful" for p in probes), "benign": sum(p.set == "benign" for p in probes),
                    "max_new_tokens": settings.canary.max_new_tokens, "concurrency": settings.canary.concurrency,

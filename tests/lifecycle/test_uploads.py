@@ -182,16 +182,6 @@ def test_bad_upload_is_refused_with_its_reason_and_no_residue(gw, corpus, files,
     assert_no_residue(gw)
 
 
-def test_the_good_adapter_of_the_corpus_is_accepted(gw, corpus):
-    """The corpus's damaged cases start from this adapter, so each rejection is due to its damage."""
-    for name, files in (("good-files", corpus["good"]), ("good-tar", {"a.tgz": tar_gz(corpus["good"], "x/")}),
-                        ("good-zip", {"a.zip": zip_bytes(corpus["good"])})):
-        response = upload(gw, name, files)
-        assert response.status_code == 202, response.text
-        assert response.json()["state"] == "probing"
-        assert gw.admin("DELETE", f"/admin/adapters/{name}").status_code == 409  # not live yet
-
-
 def test_chunked_oversize_body_stops_at_the_limit(gw, corpus):
     """Without a Content-Length the body is counted as it streams and cut at the limit."""
     boundary = "salora-test-boundary"
@@ -208,6 +198,7 @@ def test_chunked_oversize_body_stops_at_the_limit(gw, corpus):
                           headers={"Authorization": f"Bearer {ADMIN_KEY}",
                                    "Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
+    assert_no_residue(gw)
 
 
 @pytest.mark.parametrize(("form", "status", "code"), [
@@ -224,6 +215,28 @@ def test_not_multipart_is_400(gw):
     assert response.status_code == 400 and "multipart" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("multipart/form-data", b"--x\r\n"),
+    ("multipart/form-data; boundary=x", b"no parts at all"),
+])
+def test_malformed_multipart_is_400(gw, content_type, body):
+    response = httpx.post(f"{gw.url}/admin/adapters", content=body,
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": content_type})
+    assert response.status_code == 400 and "malformed multipart body" in response.json()["error"]["message"]
+    assert_no_residue(gw)
+
+
 def test_admin_key_required(gw, corpus):
     response = httpx.post(f"{gw.url}/admin/adapters", data={"name": "x"}, files=[("file", (CONFIG, b"{}"))])
     assert response.status_code == 401
+
+
+def test_the_good_adapter_of_the_corpus_is_accepted(gw, corpus):
+    """The corpus's damaged cases start from this adapter, so each rejection is due to its damage.
+    (Last in this module: it leaves records behind, as it should.)"""
+    for name, files in (("good-files", corpus["good"]), ("good-tar", {"a.tgz": tar_gz(corpus["good"], "x/")}),
+                        ("good-zip", {"a.zip": zip_bytes(corpus["good"])})):
+        response = upload(gw, name, files)
+        assert response.status_code == 202, response.text
+        assert response.json()["state"] == "probing"
+        assert gw.admin("DELETE", f"/admin/adapters/{name}").status_code == 409  # not live yet

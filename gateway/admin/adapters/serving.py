@@ -11,7 +11,6 @@ from contextlib import aclosing
 from pathlib import Path
 
 from fastapi import Request
-from python_multipart.exceptions import MultipartParseError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -66,7 +65,7 @@ class AdapterAdmin:
                     form = await parser.parse()
             except AdapterRejected as e:
                 raise api_error(e) from None
-            except (MultiPartException, MultipartParseError) as e:
+            except MultiPartException as e:
                 raise bad_request(f"malformed multipart body: {e}") from None
             try:
                 name = form.get("name")
