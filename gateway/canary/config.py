@@ -28,7 +28,7 @@ class CanaryConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     harmful_per_category: int | None = Field(default=2, gt=0)  # None: every harmful canary prompt
-    benign_per_kind: int | None = Field(default=5, gt=0)  # None: every benign canary prompt
+    benign_per_kind: int | None = Field(default=10, gt=0)  # None: every benign canary prompt
     seed: int = 0  # which prompts the sample takes
     max_new_tokens: int = Field(default=48, gt=0)
     concurrency: int = Field(default=8, gt=0)  # probes in the engine at once

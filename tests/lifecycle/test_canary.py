@@ -115,7 +115,7 @@ def test_probe_sample_is_stratified_and_stable():
     harmful = [p for p in probes if p.set == "harmful"]
     categories = {h.category for h in harmful_prompts("canary")}
     assert sorted(p.category for p in harmful) == sorted(list(categories) * 2)
-    assert sorted(p.category for p in probes if p.set == "benign") == ["ordinary"] * 5 + ["sounds_risky"] * 5
+    assert sorted(p.category for p in probes if p.set == "benign") == ["ordinary"] * 10 + ["sounds_risky"] * 10
     canary_ids = {h.id for h in harmful_prompts("canary")} | {b.id for b in benign_prompts("canary")}
     assert {p.id for p in probes} <= canary_ids  # held back: never the calibration (`train`) split
     assert select_probes(config) == probes
