@@ -5,7 +5,9 @@ continuous batch: new requests are prefilled as a group, their KV cache is left-
 the running batch between decode steps, and finished or cancelled rows leave it between steps. PEFT's
 `adapter_names` gives every row its own adapter (`__base__` for the base model), so requests on
 different adapters share each forward pass. Streaming and non-streaming callers consume the same
-chunks, so their greedy answers are identical by construction.
+chunks, so their greedy answers are identical by construction. A generation that fails ends every row
+of its batch with an EngineError; one that hangs ends its caller's wait at `timeouts` (the worker drops
+the row when it gets going again).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
+from gateway.settings import Timeouts
 from salora.models import load_model
 
 log = logging.getLogger(__name__)
@@ -97,8 +100,10 @@ class LocalEngine:
         max_batch_size: int = 8,
         max_model_len: int = 2048,
         on_batch: Callable[[int], None] | None = None,
+        timeouts: Timeouts | None = None,
     ) -> None:
         self.model_id = model_id
+        self._timeouts = timeouts or Timeouts()
         self.error: str | None = None
         self._spec = model
         self._initial_adapters = dict(adapters or {})
@@ -141,15 +146,25 @@ class LocalEngine:
         chunks: asyncio.Queue[Chunk | Exception] = asyncio.Queue()
         row = _Row(request, partial(loop.call_soon_threadsafe, chunks.put_nowait))
         self._inbox.put(row)
+        total = self._timeouts.total_s
+        expiry = loop.call_later(total, chunks.put_nowait, EngineError(
+            f"no complete answer within timeouts.total_s ({total:g} s)", kind="timeout"))
         try:
+            try:
+                async with asyncio.timeout(self._timeouts.first_token_s):
+                    item = await chunks.get()
+            except TimeoutError:
+                raise EngineError(f"no first token within timeouts.first_token_s ({self._timeouts.first_token_s:g} s)",
+                                  kind="timeout") from None
             while True:
-                item = await chunks.get()
                 if isinstance(item, Exception):
                     raise item
                 yield item
                 if item.finish_reason is not None:
                     return
+                item = await chunks.get()
         finally:
+            expiry.cancel()
             row.cancelled = True  # a no-op when finished; otherwise the worker drops the row
 
     async def load_adapter(self, name: str, path: Path) -> None:

@@ -92,12 +92,12 @@ def engine_from_settings(settings: Settings, on_batch: Callable[[int], None], on
         if name == "local":
             built[name] = LocalEngine(settings.model, settings.served_model_id, adapters,
                                       max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
-                                      on_batch=on_batch)
+                                      on_batch=on_batch, timeouts=settings.timeouts)
         else:
             config = settings.vllm if name == "vllm" else settings.engines[name]
             assert config is not None
             built[name] = VLLMEngine(name, config, settings.served_model_id, adapters, probe_model=settings.model,
-                                     on_error=lambda kind: on_error(name, kind))
+                                     on_error=lambda kind: on_error(name, kind), timeouts=settings.timeouts)
         return built[name]
 
     default = engine(settings.engine, default=True)

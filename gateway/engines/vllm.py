@@ -16,7 +16,9 @@
   (vLLM then queues it for a slot rather than the gateway refusing it).
 - **Failure.** A request is retried on another replica as long as nothing of its answer has been
   passed on: any non-streamed request, and a stream before its first token. A replica that drops a
-  connection is health-checked at once and, if down, skipped. A health loop (`GET /health`) brings
+  connection is health-checked at once and, if down, skipped; one that times out (no first token
+  within `timeouts.first_token_s`, no byte within `request_timeout_s`) is not tried again for that
+  request. `timeouts.total_s` bounds the whole request, retries included. A health loop (`GET /health`) brings
   replicas back; on its way back a replica's adapters are re-read from `/v1/models` and the shared
   volume is checked again by loading a tiny zero probe adapter from it.
 """
@@ -43,7 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 from gateway.engines.upstream import JSON_HEADERS, chat_body, error_message, parse_completion, rejected, stream_chunks
-from gateway.settings import VLLMConfig
+from gateway.settings import Timeouts, VLLMConfig
 from salora.models import linear_modules, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class VLLMEngine:
         *,
         probe_model: str | None = None,
         on_error: Callable[[str], None] | None = None,
+        timeouts: Timeouts | None = None,
     ) -> None:
         # httpx logs every request at INFO: one line per chat request and health check is noise, and
         # formatting it costs the hot path.
@@ -90,6 +93,7 @@ class VLLMEngine:
         self.model_id = model_id
         self._error: str | None = None  # why the start failed
         self._config = config
+        self._timeouts = timeouts or Timeouts()
         self._replicas = [Replica(url) for url in config.urls]
         self._initial = dict(adapters or {})
         self._probe_model = probe_model
@@ -187,6 +191,8 @@ class VLLMEngine:
         if adapter is not None and adapter not in self._names:
             raise EngineError(f"adapter {adapter!r} is not loaded")
         body = chat_body(request, adapter or self._model or "")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeouts.total_s
         tried: set[Replica] = set()
         failures: dict[str, str] = {}  # replica URL -> why it did not answer this request
         attempts = 0
@@ -195,7 +201,8 @@ class VLLMEngine:
             attempts += 1
             sent = False
             try:
-                async with self._chat_session().post(replica.url + CHAT_PATH, data=body, headers=JSON_HEADERS) as response:
+                async with self._chat_session().post(replica.url + CHAT_PATH, data=body, headers=JSON_HEADERS,
+                                                     timeout=self._attempt_timeout(deadline - loop.time())) as response:
                     if response.status != 200:
                         retry = self._refused(replica, adapter, response.status, await response.read(), failures)
                         if retry is not None:
@@ -205,26 +212,51 @@ class VLLMEngine:
                             self._on_error("retry")
                             continue
                     if request.stream:
-                        async for chunk in stream_chunks(_lines(response.content)):
-                            sent = True
+                        chunks = stream_chunks(_lines(response.content))
+                        async with asyncio.timeout(self._timeouts.first_token_s):  # per replica tried
+                            chunk = await anext(chunks)
+                        sent = True
+                        yield chunk
+                        async for chunk in chunks:
                             yield chunk
                     else:
                         chunk = parse_completion(await response.read())
                         sent = True
                         yield chunk
                     return
-            except aiohttp.SocketTimeoutError as e:  # no byte for request_timeout_s
-                raise EngineError(f"vLLM at {replica.url} timed out: {e!r}", kind="timeout") from e
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:  # connect timeouts too
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
+                # Timeouts (connect, read, first token, total) are TimeoutErrors, aiohttp's included.
+                if loop.time() >= deadline:
+                    raise EngineError(f"the {self.name} engine gave no complete answer within timeouts.total_s "
+                                      f"({self._timeouts.total_s:g} s)", kind="timeout") from e
+                why = self._failure(e)
                 if sent:
-                    raise EngineError(f"vLLM at {replica.url} failed mid-answer: {e!r}", kind="upstream") from e
-                failures[replica.url] = repr(e)
+                    raise EngineError(f"vLLM at {replica.url} failed mid-answer: {why}",
+                                      kind="timeout" if isinstance(e, TimeoutError) else "upstream") from e
+                failures[replica.url] = why
                 await self._check(replica, refused=isinstance(e, aiohttp.ClientConnectorError))
-                if not replica.up or attempts > len(self._replicas):
-                    tried.add(replica)
+                if not replica.up or isinstance(e, TimeoutError) or attempts > len(self._replicas):
+                    tried.add(replica)  # a replica that timed out would most likely time out again
                 self._on_error("retry")
             finally:
                 self._release(replica, adapter)
+
+    def _attempt_timeout(self, remaining: float) -> aiohttp.ClientTimeout:
+        """aiohttp's limits for one try: connect, the longest pause between two bytes, and what is
+        left of the request's total."""
+        config = self._config
+        return aiohttp.ClientTimeout(total=max(remaining, 0.001), sock_connect=config.connect_timeout_s,
+                                     sock_read=config.request_timeout_s)
+
+    def _failure(self, error: Exception) -> str:
+        """Why one try failed, in words (aiohttp's timeouts have empty messages)."""
+        if isinstance(error, aiohttp.ConnectionTimeoutError):
+            return f"no connection within connect_timeout_s ({self._config.connect_timeout_s:g} s)"
+        if isinstance(error, aiohttp.SocketTimeoutError):
+            return f"no byte within request_timeout_s ({self._config.request_timeout_s:g} s)"
+        if isinstance(error, TimeoutError):
+            return f"no first token within timeouts.first_token_s ({self._timeouts.first_token_s:g} s)"
+        return repr(error)
 
     def _refused(self, replica: Replica, adapter: str | None, status: int, content: bytes,
                  failures: dict[str, str]) -> set[Replica] | None:
@@ -548,7 +580,7 @@ class VLLMEngine:
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     """A response body's lines (server-sent events), as text."""
     async for line in content:
-        yield line.decode()
+        yield line.decode(errors="replace")  # bad bytes become a malformed event, not a crash
 
 
 def _busy(replica: Replica) -> int:
