@@ -49,6 +49,16 @@ class Limits(BaseModel):
     default_max_tokens: int = Field(default=256, gt=0)  # when a request does not say
 
 
+class Timeouts(BaseModel):
+    """Bounds on one generation, on every engine, so a hung engine ends a request with an error
+    instead of holding it (and its client) forever."""
+
+    model_config = {"extra": "forbid"}
+
+    first_token_s: float = Field(default=120.0, gt=0)  # until the first token (queueing and prefill included)
+    total_s: float = Field(default=900.0, gt=0)  # a whole answer
+
+
 class VLLMConfig(BaseModel):
     """One vLLM deployment: one or more replicas of `vllm serve` (or any OpenAI-compatible server) on
     the same model. See docs/vllm.md."""
@@ -104,6 +114,8 @@ class Settings(BaseSettings):
     max_model_len: int = Field(default=2048, gt=0)
     lifecycle: LifecycleConfig = LifecycleConfig()  # adapter uploads, re-probes (docs/lifecycle.md)
     canary: CanaryConfig = CanaryConfig()  # the safety gate every uploaded adapter passes (docs/lifecycle.md)
+    timeouts: Timeouts = Timeouts()  # per generation, every engine (docs/gateway.md, "Failure handling")
+    shutdown_timeout_s: float = Field(default=25.0, ge=0)  # SIGTERM: how long requests in flight may still run
 
     @field_validator("model")
     @classmethod
