@@ -13,8 +13,10 @@ from fastapi import FastAPI
 
 from gateway.adapters.lifecycle import Lifecycle
 from gateway.adapters.registry import Registry
+from gateway.admin.adapters.api_router import UPLOAD_PATH
 from gateway.admin.adapters.api_router import router as adapters_router
 from gateway.admin.tenants.api_router import router as tenants_router
+from gateway.body_limit import BodyLimit
 from gateway.context import Context
 from gateway.db import close_db, open_db
 from gateway.engines.base import Engine, EngineError
@@ -23,6 +25,7 @@ from gateway.errors import install_error_handlers
 from gateway.metrics import Metrics
 from gateway.openai.chat_completion.api_router import ChatCompletionsRoute
 from gateway.openai.models.api_router import router as models_router
+from gateway.openapi import install_openapi
 from gateway.ops import router as ops_router
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
@@ -86,7 +89,10 @@ def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
 
     app = FastAPI(title="SaLoRA Gateway", lifespan=lifespan)
     install_error_handlers(app)
+    # The chat route is outermost: it counts its own body, so the hot path skips BodyLimit.
+    app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes, exempt={("POST", UPLOAD_PATH)})
     app.add_middleware(ChatCompletionsRoute)
     for router in (models_router, tenants_router, adapters_router, ops_router):
         app.include_router(router)
+    install_openapi(app)
     return app

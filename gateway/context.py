@@ -14,6 +14,7 @@ from gateway.engines.base import Engine
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
+from gateway.streams import StreamSlots
 from gateway.tenants import ANONYMOUS, TenantStore
 from salora.judge import Judge
 
@@ -31,6 +32,7 @@ class Context:
     started_at: int  # Unix time, the `created` of the models listed
     lifecycle: Lifecycle  # uploads, canary, promotion and retirement of adapters
     tasks: set[asyncio.Task] = field(default_factory=set)  # detached work (judging), kept alive until done
+    streams: StreamSlots = field(default_factory=StreamSlots)  # open streamed answers per tenant
 
     def served_adapters(self) -> frozenset[str]:
         """The adapters clients may call: loaded, and not held back by the lifecycle (a candidate

@@ -9,7 +9,35 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body (the OpenAPI schema of every 4xx and 5xx answer)."""
+
+    error: ErrorDetail
+
+
+STATUS_DESCRIPTIONS = {
+    400: "Invalid request", 401: "Missing or wrong key (or the admin API is off)", 404: "Not found, or not yours",
+    409: "Conflicts with the current state", 413: "Body too large", 429: "Over a limit (see Retry-After)",
+    503: "Not ready, or the engine failed",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: the error statuses it can answer with, for /openapi.json (gateway/openapi.py
+    adds 400, 401 and 413 where they follow from the route's body and key check)."""
+    return {status: {"model": ErrorResponse, "description": STATUS_DESCRIPTIONS[status]} for status in statuses}
 
 
 class APIError(Exception):
@@ -48,6 +76,11 @@ def rate_limited(kind: str, retry_after: int) -> APIError:
                     code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
 
 
+def too_many_streams(limit: int) -> APIError:
+    return APIError(429, f"This key already has {limit} streamed answers open; finish one first.", type="streams",
+                    code="concurrent_streams_exceeded", headers={"Retry-After": "1"})
+
+
 def unavailable(message: str) -> APIError:
     return APIError(503, message, type="server_error", code="engine_unavailable")
 
@@ -59,6 +92,14 @@ def invalid_body(errors: Sequence[Any]) -> APIError:
     return bad_request(err["msg"] + (f" (at {'.'.join(loc)})" if loc else ""), param=loc[0] if loc else None)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers on the request's path."""
+    path = request.scope["path"]
+    return ", ".join(sorted({method for route in iter_route_contexts(request.app.routes)
+                             if (regex := getattr(route, "path_regex", None)) and regex.match(path)
+                             for method in route.methods or ()}))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
@@ -68,10 +109,20 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return invalid_body(exc.errors()).response()
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        return APIError(exc.status_code, str(exc.detail), code=None).response()
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names only the first route's methods; a path may have several
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return APIError(exc.status_code, str(exc.detail), code=None, headers=headers).response()
+
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        """A bug, answered in the same shape as every other error (Starlette's own answer is plain text
+        the OpenAI clients cannot read); Starlette then re-raises it, so the server logs the traceback."""
+        return APIError(500, "The server had an error while processing your request.", type="server_error",
+                        code="internal_error").response()
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)

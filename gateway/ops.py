@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 from gateway.context import Context, context
 
 router = APIRouter()
+
+
+class Readiness(BaseModel):
+    status: str  # ready | loading | failed
+    model: str | None = None
+    adapters: list[str] | None = None
+    error: str | None = None
 
 
 @router.get("/healthz")
@@ -17,7 +25,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(ctx: Context = Depends(context)) -> JSONResponse:
     """200 once the engine can generate and the live adapters are restored; 503 while it loads or
     after it failed."""
@@ -28,6 +36,6 @@ async def readyz(ctx: Context = Depends(context)) -> JSONResponse:
     return JSONResponse({"status": status, "error": engine.error}, status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(ctx: Context = Depends(context)) -> Response:
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)

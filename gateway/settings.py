@@ -44,9 +44,11 @@ class Limits(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    max_body_bytes: int = Field(default=1 << 20, gt=0)
+    max_body_bytes: int = Field(default=1 << 20, gt=0)  # every request but an adapter upload (lifecycle.max_upload_bytes)
     max_tokens: int = Field(default=2048, gt=0)  # the most a request may ask for
     default_max_tokens: int = Field(default=256, gt=0)  # when a request does not say
+    max_messages: int = Field(default=256, gt=0)  # messages in one chat request
+    max_concurrent_streams: int = Field(default=16, gt=0)  # open streamed answers per tenant (429 above)
 
 
 class Timeouts(BaseModel):

@@ -66,7 +66,10 @@ def new_key() -> str:
 
 
 def _tenant(row: TenantRow) -> Tenant:
-    return Tenant(row.name, row.key_sha256, frozenset(row.adapters), row.rpm, row.tpm, row.created_at)
+    created = row.created_at
+    if created is not None and created.tzinfo is None:  # SQLite keeps no zone; every time stored is UTC
+        created = created.replace(tzinfo=UTC)
+    return Tenant(row.name, row.key_sha256, frozenset(row.adapters), row.rpm, row.tpm, created)
 
 
 class TenantStore:

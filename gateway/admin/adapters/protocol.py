@@ -84,14 +84,14 @@ class AdapterList(BaseModel):
 class ForceLive(BaseModel):
     """An admin override of a rejection: recorded with who and why."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     actor: str = Field(min_length=1, max_length=256, description="who takes responsibility (a person, not a team)")
     reason: str = Field(min_length=1, max_length=2000)
 
 
 class Retire(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     actor: str = Field(default="admin", min_length=1, max_length=256)
     reason: str | None = Field(default=None, max_length=2000)

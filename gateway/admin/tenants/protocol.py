@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -10,7 +11,7 @@ from gateway.tenants import Tenant
 
 
 class TenantCreate(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     name: str = Field(pattern=NAME_PATTERN)
     adapters: list[str] = Field(default=["*"], description='adapter names the tenant may call, or ["*"] for all')
@@ -41,6 +42,11 @@ class TenantInfo(BaseModel):
 
 class TenantWithKey(TenantInfo):
     key: str = Field(description="the API key: shown this once, only its hash is stored")
+
+
+class TenantDeleted(BaseModel):
+    name: str
+    deleted: Literal[True] = True
 
 
 class TenantList(BaseModel):

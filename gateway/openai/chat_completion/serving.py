@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +26,26 @@ from starlette.types import Receive, Scope, Send
 from gateway.auth import authenticate
 from gateway.context import Context
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
-from gateway.errors import APIError, bad_request, invalid_body, model_not_found, rate_limited, too_large, unavailable
+from gateway.errors import (
+    APIError,
+    bad_request,
+    invalid_body,
+    model_not_found,
+    rate_limited,
+    too_large,
+    too_many_streams,
+    unavailable,
+)
 from gateway.metrics import OTHER
 from gateway.openai.chat_completion.protocol import ChatCompletionRequest
 from gateway.tenants import Tenant
 from salora.chat import prompt_text
 
 log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    """The release of a request that holds no stream slot."""
 
 
 def _dumps(obj: Any) -> str:
@@ -107,12 +120,18 @@ class _Answer:
 class _EventStream(StreamingResponse):
     """Closes the event generator however the response ends. Starlette stops iterating when the
     client leaves but leaves a generator suspended at a `yield` open; closing it here stops the
-    engine row at once instead of whenever the garbage collector gets to it."""
+    engine row at once instead of whenever the garbage collector gets to it. Then it frees the
+    tenant's stream slot (`release`), whether the stream finished, failed or was abandoned."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.release()
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
@@ -152,17 +171,22 @@ class ChatServing:
                 raise unavailable(ctx.engine.error or "The model is still loading; retry shortly.")
             generation = self._generation_request(body, tenant)
             adapter_label = body.model
-            limited = ctx.limiter.admit(tenant)
-            if limited is not None:
-                raise rate_limited(*limited)
-            stream = ctx.engine.generate(generation)
+            release = self._stream_slot(tenant) if body.stream else _nothing
             try:
-                first = await anext(stream)
-            except EngineError as e:
-                ctx.metrics.engine_errors.labels(ctx.engine.name, e.kind).inc()
-                raise unavailable(str(e)) from None
-            except RequestRejected as e:
-                raise bad_request(str(e), param=e.param, code=e.code) from None
+                limited = ctx.limiter.admit(tenant)
+                if limited is not None:
+                    raise rate_limited(*limited)
+                stream = ctx.engine.generate(generation)
+                try:
+                    first = await anext(stream)
+                except EngineError as e:
+                    ctx.metrics.engine_errors.labels(ctx.engine.name, e.kind).inc()
+                    raise unavailable(str(e)) from None
+                except RequestRejected as e:
+                    raise bad_request(str(e), param=e.param, code=e.code) from None
+            except BaseException:
+                release()
+                raise
         except APIError as e:
             ctx.metrics.requests.labels(tenant_label, adapter_label, str(e.status)).inc()
             raise
@@ -170,9 +194,16 @@ class ChatServing:
                          ttft=time.perf_counter() - started)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EventStream(self._events(answer, first, stream, include_usage), media_type="text/event-stream",
-                                background=BackgroundTask(answer.record))
+            return _EventStream(self._events(answer, first, stream, include_usage), release,
+                                media_type="text/event-stream", background=BackgroundTask(answer.record))
         return await self._complete(request, answer, first, stream)
+
+    def _stream_slot(self, tenant: Tenant) -> Callable[[], None]:
+        limit = self.ctx.settings.limits.max_concurrent_streams
+        release = self.ctx.streams.acquire(tenant.name, limit)
+        if release is None:
+            raise too_many_streams(limit)
+        return release
 
     def _generation_request(self, body: ChatCompletionRequest, tenant: Tenant) -> GenerationRequest:
         engine, limits = self.ctx.engine, self.ctx.settings.limits
@@ -182,17 +213,21 @@ class ChatServing:
             adapter = body.model
         else:
             raise model_not_found(body.model)
+        if len(body.messages) > limits.max_messages:
+            raise bad_request(f"{len(body.messages)} messages; this gateway allows at most {limits.max_messages}.",
+                              param="messages", code="too_many_messages")
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
-            raise bad_request(f"max_tokens is {max_tokens}; this gateway allows at most {limits.max_tokens}.",
-                              param="max_tokens")
+            raise bad_request(f"{param} is {max_tokens}; this gateway allows at most {limits.max_tokens}.",
+                              param=param, code="max_tokens_exceeded")
         return GenerationRequest(
             messages=[m.as_dict() for m in body.messages],
             adapter=adapter,
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            stop=body.stop,
+            stop=tuple(body.stop),
             seed=body.seed,
             stream=bool(body.stream),
         )

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends
 
 from gateway.auth import require_tenant
 from gateway.context import Context, context
-from gateway.errors import model_not_found
+from gateway.errors import documented, model_not_found
 from gateway.openai.models.protocol import ModelCard, ModelList
 from gateway.openai.models.serving import visible_models
 from gateway.tenants import Tenant
@@ -17,7 +17,7 @@ async def list_models(tenant: Tenant = Depends(require_tenant), ctx: Context = D
     return visible_models(ctx, tenant)
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", responses=documented(404))
 async def retrieve_model(model: str, tenant: Tenant = Depends(require_tenant), ctx: Context = Depends(context)) -> ModelCard:
     card = next((c for c in visible_models(ctx, tenant).data if c.id == model), None)
     if card is None:
