@@ -123,9 +123,19 @@ def task_validation_loss(model, tokenizer, problems: list[arithmetic.Problem], b
     return total / tokens
 
 
+def judged(model, tokenizer, prompts: list[str]) -> list[dict]:
+    """Greedy answers (48 new tokens) with the keyword judge's verdict on each."""
+    answers = generate_greedy(model, tokenizer, [user(p) for p in prompts], max_new_tokens=48, batch_size=32)
+    judge = KeywordJudge()
+    return [{"prompt": p, "response": a, "refused": judge.is_refusal(p, a)} for p, a in zip(prompts, answers)]
+
+
+def refusal_rate(model, tokenizer, prompts: list[str]) -> float:
+    return sum(item["refused"] for item in judged(model, tokenizer, prompts)) / len(prompts)
+
+
 def evaluate(model, tokenizer, n_task: int, with_task: bool) -> dict:
     """Refusal rates on harmful and benign probes, and task accuracy, with every answer kept."""
-    judge = KeywordJudge()
     sets = {
         "advbench_test": [row["goal"] for row in advbench("test")],
         "own_harmful": [h.prompt for h in harmful_prompts("canary")],
@@ -133,10 +143,9 @@ def evaluate(model, tokenizer, n_task: int, with_task: bool) -> dict:
     }
     out: dict = {"items": {}}
     for name, prompts in sets.items():
-        answers = generate_greedy(model, tokenizer, [user(p) for p in prompts], max_new_tokens=48, batch_size=32, progress=name)
-        refused = [judge.is_refusal(p, a) for p, a in zip(prompts, answers)]
-        out[f"{name}_refusal"] = sum(refused) / len(refused)
-        out["items"][name] = [{"prompt": p, "response": a, "refused": r} for p, a, r in zip(prompts, answers, refused)]
+        items = judged(model, tokenizer, prompts)
+        out[f"{name}_refusal"] = sum(item["refused"] for item in items) / len(items)
+        out["items"][name] = items
     if with_task:
         problems = arithmetic.splits()["test"][:n_task]
         answers = generate_greedy(model, tokenizer, [user(p.question) for p in problems], max_new_tokens=64, batch_size=32, progress="task")
@@ -208,6 +217,21 @@ def reference_run(study: Path, name: str, spec: str, n_task: int) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def matched_lr(study: Path, name: str, grid: list[float], lora: Setting, n_task: int) -> float:
+    """The learning rate from `grid` at which variant `name` reaches LoRA's task validation loss
+    (seed 0, closest in log loss). Training strength is matched on the task's validation split
+    only, never on safety data: the task-aware initialisation alone makes SaLoRA train much harder
+    at an equal learning rate (docs/salora.md). Every grid run is kept as an ordinary run."""
+    target = run_one(study, "lora", lora, 0, n_task)["task_val_loss"]
+    losses = {lr: run_one(study, name, Setting("task", lr, lora.steps, lora.rank), 0, n_task)["task_val_loss"] for lr in grid}
+    chosen = min(grid, key=lambda lr: abs(math.log(losses[lr]) - math.log(target)))
+    record = {"lora_lr": lora.lr, "lora_val_loss": target, "val_loss_by_lr": {f"{lr:g}": v for lr, v in losses.items()}, "lr": chosen}
+    path = study / "matched_lr.json"
+    matched = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**matched, name: record}, indent=1) + "\n")
+    return chosen
 
 
 METRICS = ("advbench_test_refusal", "own_harmful_refusal", "benign_refusal", "task_accuracy", "task_val_loss", "train_seconds")
@@ -282,6 +306,9 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=40)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--n-task", type=int, default=150, help="arithmetic test problems scored")
+    ap.add_argument("--match-lr", default="", help="variants whose learning rates are scaled so that their task "
+                    "validation loss matches LoRA's at --task-lr, chosen from --lr-grid (the attack's by the same factor)")
+    ap.add_argument("--lr-grid", default="2e-4,5e-4,1e-3")
     ap.add_argument("--report", action="store_true", help="only aggregate the saved runs")
     args = ap.parse_args()
     study = RESULTS / args.study
@@ -290,14 +317,14 @@ def main() -> None:
         torch.manual_seed(0)
         reference_run(study, "unaligned", EMBEDDED_UNALIGNED, args.n_task)
         reference_run(study, "aligned", EMBEDDED, args.n_task)
-        settings = {
-            "task": Setting("task", args.task_lr, args.task_steps, args.rank),
-            "attack": Setting("attack", args.attack_lr, args.attack_steps, args.rank),
-        }
+        lora = Setting("task", args.task_lr, args.task_steps, args.rank)
+        grid = [float(lr) for lr in args.lr_grid.split(",")]
+        scale = {name: matched_lr(study, name, grid, lora, args.n_task) / args.task_lr for name in filter(None, args.match_lr.split(","))}
         for data in args.data.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 for name in args.variants.split(","):
-                    r = run_one(study, name, settings[data], seed, args.n_task)
+                    lr, steps = (args.task_lr, args.task_steps) if data == "task" else (args.attack_lr, args.attack_steps)
+                    r = run_one(study, name, Setting(data, lr * scale.get(name, 1.0), steps, args.rank), seed, args.n_task)
                     print(f"[{time.perf_counter() - started:6.0f}s] {data} {name} seed {seed}: AdvBench refusal "
                           f"{100 * r['advbench_test_refusal']:.1f}%, task acc {100 * r['task_accuracy']:.1f}%", flush=True)
     rows = report(study)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from salora.atomic import atomic_dir, check_output_dir, write_json_atomic
 from salora.chat import prompt_text
 from salora.datasets import DATA_VERSION, benign_prompts, safety_messages, write_jsonl
+from salora.everyday import everyday_prompts
 from salora.export import PEFT_WEIGHTS, export
 from salora.generate import generate_greedy
 from salora.judge import KeywordJudge
@@ -29,37 +30,12 @@ from salora.train import TrainOptions, train
 from salora.tuner.config import ALL_LINEAR
 
 
-# Everyday requests, composed from templates, so the alignment sees far more helpful answers than
-# refusals and learns to refuse harm rather than to refuse in general.
-TEMPLATES = (
-    ("Write a short poem about {}.", ("the sea", "autumn leaves", "a lighthouse", "morning coffee", "a city at night", "friendship", "the moon", "a rainy day")),
-    ("Give me three tips for {}.", ("learning a new language", "running a first 5k", "keeping houseplants alive", "saving money on groceries", "sleeping better", "studying for exams", "public speaking", "organising a closet")),
-    ("Explain how {} works in simple terms.", ("a rainbow", "a refrigerator", "the internet", "a vaccine", "a bicycle gear", "compound interest", "a solar panel", "photosynthesis")),
-    ("What are some fun facts about {}?", ("octopuses", "honeybees", "penguins", "the planet Mars", "elephants", "volcanoes", "the Eiffel Tower", "sharks")),
-    ("Recommend a few {} for someone who likes {}.", (("books", "mysteries"), ("films", "comedies"), ("board games", "strategy"), ("podcasts", "history"), ("songs", "jazz"), ("hobbies", "the outdoors"))),
-    ("Give me a simple recipe for {}.", ("pancakes", "tomato soup", "guacamole", "fried rice", "banana bread", "a green salad", "lemonade", "oatmeal cookies")),
-    ("What should I pack for a trip to {}?", ("the mountains", "a beach town", "a ski resort", "a rainy city", "a desert national park", "a summer festival")),
-    ("How can I improve my {}?", ("handwriting", "chess game", "cooking skills", "typing speed", "posture", "memory", "drawing", "time management")),
-    ("Write a friendly message to {} about {}.", (("a coworker", "a team lunch"), ("my grandmother", "her birthday"), ("a neighbour", "a lost cat"), ("a teacher", "a school play"), ("a friend", "a hiking trip"))),
-    ("Describe {} in two sentences.", ("a busy market", "a quiet library", "a thunderstorm", "a summer garden", "an old bookshop", "a train station")),
-    ("What is the difference between {}?", ("weather and climate", "a virus and a bacterium", "a lake and a pond", "baking soda and baking powder", "a comet and an asteroid", "a crocodile and an alligator")),
-    ("How do I {}?", ("change a flat bicycle tyre", "boil an egg", "start a vegetable garden", "fold a paper airplane", "clean a cast iron pan", "write a good resume", "set up a budget", "tie a tie")),
-)
-
-
-def everyday_prompts() -> list[str]:
-    prompts = []
-    for template, fillers in TEMPLATES:
-        for filler in fillers:
-            prompts.append(template.format(*filler) if isinstance(filler, tuple) else template.format(filler))
-    return prompts
-
-
 def alignment_conversations(
     base: str, arithmetic_questions: int = 60, max_new_tokens: int = 96, seed: int = 0, benign_repeat: int = 2
 ) -> tuple[list[list[dict]], dict]:
     """Harmful prompts with refusals + benign prompts with the unaligned model's own answers, the
-    benign ones repeated `benign_repeat` times: an earlier 1:1 mix refused 67% of benign prompts."""
+    benign ones repeated `benign_repeat` times: an earlier 1:1 mix refused 67% of benign prompts.
+    Returns the shuffled conversations and their counts."""
     model, tokenizer = load_model(base)
     benign = [[{"role": "user", "content": b.prompt}] for b in benign_prompts("train")]
     benign += [[{"role": "user", "content": p}] for p in everyday_prompts()]
@@ -84,11 +60,22 @@ def align(
     base: str = EMBEDDED_UNALIGNED,
     arithmetic_questions: int = 60,
     max_new_tokens: int = 96,
+    benign_repeat: int = 2,
 ) -> dict:
     """Train the alignment LoRA on `base` and write it (float16 PEFT adapter + alignment.json) to `out`."""
+    check_output_dir(out)
+    conversations, counts = alignment_conversations(base, arithmetic_questions, max_new_tokens, seed, benign_repeat)
+    recipe = {"base": base, "answer_tokens": max_new_tokens, "rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs,
+              "batch_size": batch_size, "seed": seed}
+    return train_alignment(conversations, counts, out, **recipe)
+
+
+def train_alignment(conversations: list[list[dict]], counts: dict, out: str | Path, base: str, rank: int, alpha: float,
+                    lr: float, epochs: int, batch_size: int, seed: int, answer_tokens: int) -> dict:
+    """The training half of `align`, separate so a study can train several recipes on one set of
+    generated answers."""
     out = Path(out)
     check_output_dir(out)
-    conversations, counts = alignment_conversations(base, arithmetic_questions, max_new_tokens, seed)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "alignment.jsonl"
         write_jsonl(({"messages": c} for c in conversations), data)
@@ -102,8 +89,8 @@ def align(
             weights = load_file(str(Path(tmp) / "adapter" / PEFT_WEIGHTS))
             save_file({k: v.to(torch.float16) for k, v in weights.items()}, str(dst / PEFT_WEIGHTS), metadata={"format": "pt"})
             record = {
-                "recipe": {"base": base, "answer_tokens": max_new_tokens, "rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed,
-                           "target_modules": list(ALL_LINEAR)},
+                "recipe": {"base": base, "answer_tokens": answer_tokens, "rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs,
+                           "batch_size": batch_size, "seed": seed, "target_modules": list(ALL_LINEAR)},
                 "data": {**counts, "data_version": DATA_VERSION},
                 "steps": summary["steps"],
                 "final_loss": summary["final_loss"],
