@@ -50,6 +50,12 @@ class Limits(BaseModel):
     max_messages: int = Field(default=256, gt=0)  # messages in one chat request
     max_concurrent_streams: int = Field(default=16, gt=0)  # open streamed answers per tenant (429 above)
 
+    @model_validator(mode="after")
+    def _default_within_max(self) -> Limits:
+        if self.default_max_tokens > self.max_tokens:  # else every request that does not say would be a 400
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens ({self.max_tokens})")
+        return self
+
 
 class Timeouts(BaseModel):
     """Bounds on one generation, on every engine, so a hung engine ends a request with an error
