@@ -4,13 +4,19 @@ promotion, scheduled re-probes, and restoring every live adapter when the gatewa
 A candidate is hot-loaded into the serving engine under its own name so the canary can probe it
 through the same engine as live traffic, but it is *held back*: `held_back` names adapters that are
 loaded and must not be routed to. Promotion only releases it (nothing reloads, nothing restarts), so
-requests to other adapters never notice. Canary runs are serialised: one at a time per gateway."""
+requests to other adapters never notice. Canary runs are serialised: one at a time per gateway.
+
+Crash safety: every step is a database transaction first and an effect second, and a restart finishes
+or undoes what a crash cut short (`start`). An upload holds a claim (a locked scratch directory named
+by its record id) until it is probing; a restart removes uploads whose claim no live process holds.
+A probing adapter's canary runs again. A live one is loaded and granted to its tenants again."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +29,7 @@ from gateway.adapters.registry import AdapterRecord, NameInUse, Registry, State
 from gateway.adapters.store import AdapterStore
 from gateway.adapters.validation import AdapterInfo, BaseModelInfo, inspect_base, validate
 from gateway.canary.runner import CanaryError, CanaryRunner
+from gateway.crashpoints import crash_point
 from gateway.engines.base import Engine, EngineError
 from gateway.metrics import Metrics
 from gateway.settings import Settings
@@ -33,7 +40,6 @@ from salora.models import resolve_model_dir
 
 log = logging.getLogger(__name__)
 CANARY = "canary"  # the actor of automatic decisions in the audit log
-INTERRUPTED_AFTER_S = 3600  # an upload still uploaded/validating this long after its last change was cut off
 
 
 @dataclass(frozen=True)
@@ -77,12 +83,10 @@ class Lifecycle:
     # --- start and stop ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Called once the engine is up: drop uploads a crash cut short, register the config's adapters,
-        load every live adapter, resume interrupted canaries, then start the schedule."""
-        await asyncio.to_thread(self.store.clear_incoming)
-        for record in await asyncio.to_thread(self.registry.all, (State.UPLOADED, State.VALIDATING)):
-            if (datetime.now(UTC) - record.updated_at).total_seconds() > INTERRUPTED_AFTER_S:
-                await self._forget(record)
+        """Called once the engine is up: drop uploads a crash cut short and the files crashes left,
+        register the config's adapters, load every live adapter, resume interrupted canaries, then
+        start the schedule."""
+        await self._recover_uploads()
         await asyncio.to_thread(self._sync_config)
         for record in await asyncio.to_thread(self.registry.all, (State.LIVE,)):
             await asyncio.to_thread(self.tenants.grant, record.name, record.tenants)  # config tenants were reset
@@ -95,6 +99,17 @@ class Lifecycle:
         self.ready = True
         tick = min(self.config.retry_interval_s, self.config.reprobe_interval_s or float("inf"))
         self._scheduler = asyncio.create_task(self._schedule(tick))
+
+    async def _recover_uploads(self) -> None:
+        """An upload still uploaded or validating whose claim no live process holds was cut short by a
+        crash before its 202. It is removed as a failed check would be: its client saw the request
+        fail and uploads again, and resuming it would answer that retry with a 409. Then the scratch
+        directories and stored files no live upload or record refers to are swept."""
+        for record in await asyncio.to_thread(self.registry.all, (State.UPLOADED, State.VALIDATING)):
+            if not await asyncio.to_thread(self.store.in_use, record.id):
+                log.warning("the upload of adapter %s was cut short by a crash (%s); removed", record.name, record.state)
+                await self._forget(record)
+        await asyncio.to_thread(self.store.sweep, self.registry.hashes)
 
     async def close(self) -> None:
         tasks = [t for t in (self._scheduler, *self._runs.values()) if t is not None]
@@ -168,47 +183,53 @@ class Lifecycle:
         if unknown:
             raise AdapterRejected(f"unknown tenants: {', '.join(unknown)}", code="unknown_tenant")
         base = await self.base()
-        try:
-            record = await asyncio.to_thread(self.registry.create, name, source="upload", tenants=tenants,
-                                             base_model=self.engine.model_id, actor=actor)
-        except NameInUse:
-            active = self.registry.find(name)
-            raise AdapterRejected(f"An adapter named {name!r} is {active.state if active else 'in use'}; retire it "
-                                  "or choose another name.", code="name_in_use", status=409) from None
-        loaded = False
-        try:
-            await asyncio.to_thread(self.registry.transition, record.id, State.VALIDATING, actor=actor, action="validate")
-            await self._refresh()
-            info, path = await asyncio.to_thread(self._validate, parts, base)
-            record = await asyncio.to_thread(self.registry.update, record.id, sha256=info.sha256)
-            self.held_back |= {name}
+        record_id = uuid.uuid4().hex
+        with self.store.scratch(record_id) as work:  # the claim: see _recover_uploads
             try:
-                await self.engine.load_adapter(name, path)
-            except Exception as e:
-                raise AdapterRejected(f"the {self.engine.name} engine cannot load the adapter: {e}",
-                                      code="engine_rejected") from e
-            loaded = True
-            record = await asyncio.to_thread(
-                self.registry.transition, record.id, State.PROBING, actor=actor, action="probe",
-                source="checkpoint" if info.source == "checkpoint" else "upload", rank=info.rank,
-                target_modules=info.target_modules, size_bytes=info.size_bytes)
-            await self._refresh()
-        except BaseException:
-            if loaded:
-                await self.engine.unload_adapter(name)
-            self.held_back -= {name}
-            await self._forget(record)
-            raise
+                record = await asyncio.to_thread(self.registry.create, name, source="upload", tenants=tenants,
+                                                 base_model=self.engine.model_id, actor=actor, record_id=record_id)
+            except NameInUse:
+                active = self.registry.find(name)
+                raise AdapterRejected(f"An adapter named {name!r} is {active.state if active else 'in use'}; retire "
+                                      "it or choose another name.", code="name_in_use", status=409) from None
+            loaded = False
+            try:
+                await asyncio.to_thread(self.registry.transition, record.id, State.VALIDATING, actor=actor,
+                                        action="validate")
+                await self._refresh()
+                info, staged = await asyncio.to_thread(self._validate, parts, base, work)
+                # The hash is recorded before the files are stored, so a stored adapter no record names
+                # is always a crash's leftover (AdapterStore.sweep).
+                record = await asyncio.to_thread(self.registry.update, record.id, sha256=info.sha256)
+                path = await asyncio.to_thread(self.store.put, staged, info.sha256)
+                crash_point("upload:stored")
+                self.held_back |= {name}
+                try:
+                    await self.engine.load_adapter(name, path)
+                except Exception as e:
+                    raise AdapterRejected(f"the {self.engine.name} engine cannot load the adapter: {e}",
+                                          code="engine_rejected") from e
+                loaded = True
+                record = await asyncio.to_thread(
+                    self.registry.transition, record.id, State.PROBING, actor=actor, action="probe",
+                    source="checkpoint" if info.source == "checkpoint" else "upload", rank=info.rank,
+                    target_modules=info.target_modules, size_bytes=info.size_bytes)
+                await self._refresh()
+            except BaseException:
+                if loaded:
+                    await self.engine.unload_adapter(name)
+                self.held_back -= {name}
+                await self._forget(record)
+                raise
         self._spawn(record, "upload")
         return record
 
-    def _validate(self, parts: list[UploadPart], base: BaseModelInfo) -> tuple[AdapterInfo, Path]:
-        """In a worker thread: unpack and check in a scratch directory, then store by content hash."""
-        with self.store.scratch() as work:
-            (work / "unpacked").mkdir()
-            root = unpack([(p.filename, p.path) for p in parts], work / "unpacked", self.config)
-            info, staged = validate(root, work, base, self.config.max_rank)
-            return info, self.store.put(staged, info.sha256)
+    def _validate(self, parts: list[UploadPart], base: BaseModelInfo, work: Path) -> tuple[AdapterInfo, Path]:
+        """In a worker thread: unpack and check in the scratch directory `work`; returns the adapter's
+        checked files, staged there."""
+        (work / "unpacked").mkdir()
+        root = unpack([(p.filename, p.path) for p in parts], work / "unpacked", self.config)
+        return validate(root, work, base, self.config.max_rank)
 
     async def _forget(self, record: AdapterRecord) -> None:
         """Remove a record that never passed validation, and its files unless another record shares them."""
@@ -303,6 +324,7 @@ class Lifecycle:
             try:
                 base = await self.base()
                 report = await self.runner.run(record.name, base.key)
+                crash_point("canary:judged")
             except (CanaryError, EngineError, AdapterRejected) as e:
                 log.error("canary run of %s failed: %s", record.name, e)
                 report = {"result": "error", "error": str(e)}
@@ -324,6 +346,7 @@ class Lifecycle:
         if record.state == State.PROBING and passed:
             record = await asyncio.to_thread(self.registry.transition, record.id, State.LIVE, actor=CANARY,
                                              action="promote")
+            crash_point("promote:recorded")
             await self._release(record)
         elif record.state == State.PROBING:
             await self._unload_rejected(record, CANARY, reason)

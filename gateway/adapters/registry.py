@@ -269,6 +269,11 @@ class Registry:
         with self._sessions() as session:
             return int(session.scalar(select(func.count()).where(AdapterRow.sha256 == sha256)) or 0)
 
+    def hashes(self) -> set[str]:
+        """The content hashes of every record's files (the store keeps exactly these)."""
+        with self._sessions() as session:
+            return set(session.scalars(select(AdapterRow.sha256).where(AdapterRow.sha256.is_not(None))))
+
     def add_run(self, record_id: str, trigger: str, result: str, started_at: datetime,
                 report: dict[str, Any]) -> CanaryRun:
         row = CanaryRunRow(id=uuid.uuid4().hex, adapter_id=record_id, trigger=trigger, result=result,

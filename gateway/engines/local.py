@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import queue
 import threading
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 BASE = "__base__"  # PEFT's name for "no adapter" in `adapter_names`
 
 
+def _peft_name(name: str) -> str:
+    """The name an adapter gets inside PEFT. PEFT makes each adapter name a submodule attribute, so a
+    gateway name with a dot (`support.v2`) or one a torch module already has (`half`, `train`) cannot
+    be used there as it is."""
+    return "adapter_" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
 @dataclass(eq=False)
 class _Row:
     """One request inside the worker. `emit` hands a chunk (or an error) to the asyncio side."""
@@ -47,6 +55,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the answer already emitted
     limit: int = 0  # completion tokens allowed (max_tokens, capped by the context)
+    peft: str = BASE  # the adapter's name inside PEFT
     generator: torch.Generator | None = None
 
     def send(self, item: Chunk | Exception) -> None:
@@ -195,9 +204,9 @@ class LocalEngine:
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} is already loaded")
         if isinstance(self._model, PeftModel):
-            self._model.load_adapter(str(path), adapter_name=name)
+            self._model.load_adapter(str(path), adapter_name=_peft_name(name))
         else:
-            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=_peft_name(name))
         self._model.eval()
         self._adapters = self._adapters | {name}
 
@@ -208,7 +217,7 @@ class LocalEngine:
         if self._adapters == {name}:  # PEFT cannot run with no adapter: back to the plain base
             self._model = self._model.unload()
         else:
-            self._model.delete_adapter(name)
+            self._model.delete_adapter(_peft_name(name))
         self._adapters = self._adapters - {name}
 
     def _work(self) -> None:
@@ -274,6 +283,8 @@ class LocalEngine:
         if request.adapter is not None and request.adapter not in self._adapters:
             row.send(EngineError(f"adapter {request.adapter!r} is not loaded"))
             return False
+        if request.adapter is not None:
+            row.peft = _peft_name(request.adapter)
         try:
             row.prompt = self._tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -362,7 +373,7 @@ class LocalEngine:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache, rows: list[_Row]) -> torch.Tensor:
-        extra = {"adapter_names": [r.request.adapter or BASE for r in rows]} if isinstance(self._model, PeftModel) else {}
+        extra = {"adapter_names": [r.peft for r in rows]} if isinstance(self._model, PeftModel) else {}
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                           use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()

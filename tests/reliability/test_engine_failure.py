@@ -5,6 +5,7 @@ a stream that ends with an error event. Never a hang."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -16,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.engines.base import GenerationRequest
+from gateway.engines.local import LocalEngine
 from gateway.settings import Settings
-from tests.gateway.conftest import gateway_model_dir  # noqa: F401  (fixture)
+from tests.gateway.conftest import adapter_dirs, gateway_model_dir  # noqa: F401  (fixtures)
 from tests.lifecycle.conftest import running
 from tests.reliability.processes import Child, children, sse_lines, upstream
 
@@ -244,3 +247,27 @@ def test_local_engine_that_hangs_gives_a_timely_503(local_gw) -> None:
         engine._forward = forward
         release.set()
     assert chat(local_gw.url, max_tokens=4).status_code == 200
+
+
+def test_local_engine_loads_adapters_whatever_their_name(gateway_model_dir: Path, adapter_dirs: dict[str, Path],  # noqa: F811
+                                                         ) -> None:
+    """Names PEFT cannot take as module attributes (`half` is a torch method; a dot is a path) once
+    failed every upload with "attribute 'half' already exists"."""
+
+    async def main() -> None:
+        engine = LocalEngine(str(gateway_model_dir), MODEL)
+        await engine.start()
+        try:
+            answers = {}
+            for name in ("half", "support.v2", "train"):
+                await engine.load_adapter(name, adapter_dirs["alpha"])
+                request = GenerationRequest([{"role": "user", "content": "hi"}], adapter=name, max_tokens=6,
+                                            temperature=0)
+                answers[name] = "".join([c.text async for c in engine.generate(request)])
+            assert len(set(answers.values())) == 1 and answers["half"]
+            await engine.unload_adapter("half")
+            assert engine.adapters() == {"support.v2", "train"}
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
