@@ -278,9 +278,11 @@ class Lifecycle:
     async def _retire(self, record: AdapterRecord, actor: str, reason: str) -> AdapterRecord:
         self.held_back |= {record.name}
         try:
+            # Revoked first: a crash in between leaves it live, and the start grants it again. The other
+            # way round, tenants would keep a retired name, and with it a later adapter of that name.
+            await asyncio.to_thread(self.tenants.revoke, record.name)
             record = await asyncio.to_thread(self.registry.transition, record.id, State.RETIRED, actor=actor,
                                              action="retire", reason=reason)
-            await asyncio.to_thread(self.tenants.revoke, record.name)
             if record.name in self.engine.adapters():
                 await self.engine.unload_adapter(record.name)
         finally:
