@@ -193,6 +193,17 @@ class Settings(BaseSettings):
         return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
 
 
+def _check_yaml(path: Path) -> None:
+    """The config file must be YAML holding a mapping from setting names: anything else (a list, a
+    scalar, a number as a key) would fail deep inside pydantic-settings with an unhelpful exception."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a YAML message spans lines; the error is one line
+        raise SaLoRAError(f"config {path}: not valid YAML ({' '.join(str(e).split())})") from e
+    if document is not None and not (isinstance(document, dict) and all(isinstance(k, str) for k in document)):
+        raise SaLoRAError(f"config {path}: must be a mapping of setting names to values")
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Settings from an optional YAML file, the environment and explicit overrides; every problem
     becomes one SaLoRAError line."""
@@ -201,11 +212,10 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     if path:
         if not Path(path).is_file():
             raise SaLoRAError(f"config {path}: no such file")
+        _check_yaml(Path(path))
         cls = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(path)}})
     try:
         return cls(**overrides)
-    except yaml.YAMLError as e:
-        raise SaLoRAError(f"config {path}: not valid YAML ({e})") from e
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
         raise SaLoRAError(f"invalid settings: {problems}") from e

@@ -34,17 +34,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise SaLoRAError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SaLoRAError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise SaLoRAError(f"{path}:{lineno}: each line must be a JSON object")
-            rows.append(row)
+    try:
+        with path.open(encoding="utf-8") as f:
+            lines = list(f)  # split at newlines only (str.splitlines would also split at U+2028 in a string)
+    except UnicodeDecodeError as e:
+        raise SaLoRAError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SaLoRAError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
+        except RecursionError as e:
+            raise SaLoRAError(f"{path}:{lineno}: JSON nested too deeply") from e
+        if not isinstance(row, dict):
+            raise SaLoRAError(f"{path}:{lineno}: each line must be a JSON object")
+        rows.append(row)
     if not rows:
         raise SaLoRAError(f"{path}: file is empty")
     return rows

@@ -53,7 +53,11 @@ def _rows(name: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     ids: set[str] = set()
     prompts: set[str] = set()
-    for lineno, line in enumerate(_data_bytes(name).decode("utf-8").splitlines(), 1):
+    try:
+        text = _data_bytes(name).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SaLoRAError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{name}:{lineno}"
@@ -61,6 +65,8 @@ def _rows(name: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise SaLoRAError(f"{where}: malformed JSON ({e.msg})") from e
+        except RecursionError as e:
+            raise SaLoRAError(f"{where}: JSON nested too deeply") from e
         if not isinstance(row, dict) or set(row) != set(fields):
             raise SaLoRAError(f"{where}: expected exactly the fields {list(fields)}")
         if not all(isinstance(row[f], str) and row[f].strip() for f in fields):

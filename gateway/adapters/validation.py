@@ -109,7 +109,7 @@ def _read_config(path: Path, max_rank: int) -> dict[str, Any]:
         raise _reject(f"{PEFT_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         config = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
         raise _reject(f"{PEFT_CONFIG} is not valid JSON ({e})") from e
     if not isinstance(config, dict):
         raise _reject(f"{PEFT_CONFIG} must hold a JSON object")
@@ -121,8 +121,10 @@ def _read_config(path: Path, max_rank: int) -> dict[str, Any]:
                       "adapters", code="unsupported_adapter")
     if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
         raise _reject(f"{PEFT_CONFIG}: bias must be \"none\" and fan_in_fan_out false", code="unsupported_adapter")
-    r = config.get("r")
-    ranks = [r, *(config.get("rank_pattern") or {}).values()]
+    r, pattern = config.get("r"), config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise _reject(f"{PEFT_CONFIG}: rank_pattern must map module names to ranks")
+    ranks = [r, *pattern.values()]
     if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in ranks):
         raise _reject(f"{PEFT_CONFIG}: r (and rank_pattern) must be positive integers")
     if max(ranks) > max_rank:
@@ -151,7 +153,7 @@ def _read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
         raw = f.read(length)
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise _reject(f"{PEFT_WEIGHTS}: the safetensors header is not JSON ({e})", code="bad_weights") from e
     if not isinstance(header, dict):
         raise _reject(f"{PEFT_WEIGHTS}: the safetensors header is not an object", code="bad_weights")
