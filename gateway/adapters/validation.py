@@ -135,6 +135,11 @@ def _read_config(path: Path, max_rank: int) -> dict[str, Any]:
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
         raise _reject(f"{PEFT_CONFIG}: target_modules must be a module name list or a pattern")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise _reject(f"{PEFT_CONFIG}: target_modules {targets!r} is not a valid pattern ({e})") from e
     return config
 
 

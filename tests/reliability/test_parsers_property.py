@@ -215,6 +215,21 @@ def test_deeply_nested_json_is_rejected(nested):
                         struct.pack("<Q", len(nested)) + nested)
 
 
+@pytest.mark.parametrize("pattern", ["(", "[q", "a{2,1}", "*"])
+def test_a_target_pattern_that_is_not_a_regex_is_rejected(pattern):
+    """The generated headers rarely get far enough to reach it: a bad pattern used to reach re.fullmatch (a 500)."""
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": pattern}
+    a, b = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    header = {a: {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]},
+              b: {"dtype": "F32", "shape": [8, 2], "data_offsets": [64, 128]}}
+    root = Path(tempfile.mkdtemp(prefix="adapter-"))
+    (root / "adapter_config.json").write_text(json.dumps(config))
+    (root / "adapter_model.safetensors").write_bytes(header_bytes(header, bytes(128)))
+    (root / "work").mkdir()
+    with pytest.raises(AdapterRejected, match="not a valid pattern"):
+        validation.validate(root, root / "work", BASE, max_rank=64)
+
+
 # --- chat request bodies ---------------------------------------------------------------------------
 
 TEXT = st.text(max_size=30)
