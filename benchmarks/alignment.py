@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from peft import PeftModel
 
 from benchmarks.safety import advbench, refusal_rate
-from salora.align import alignment_conversations, train_alignment
+from salora.align import alignment_mix, helpful_conversations, train_alignment
 from salora.datasets import benign_prompts, harmful_prompts
 from salora.models import EMBEDDED_UNALIGNED, load_model
 
@@ -96,27 +97,28 @@ def aligned(adapter: Path):
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tokenizer
 
 
-def conversations(study: Path) -> tuple[list, dict]:
-    path = study / "conversations.json"
+def helpful(study: Path) -> tuple[list, int]:
+    """The unaligned model's benign answers, generated once per study and shared by its candidates."""
+    path = study / "helpful.json"
     if not path.exists():
-        convs, counts = alignment_conversations(EMBEDDED_UNALIGNED)
+        answered, asked = helpful_conversations(EMBEDDED_UNALIGNED)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"conversations": convs, "counts": counts}))
+        path.write_text(json.dumps({"helpful": answered, "benign_asked": asked}))
     data = json.loads(path.read_text())
-    return data["conversations"], data["counts"]
+    return data["helpful"], data["benign_asked"]
 
 
 RECIPE = {"base": EMBEDDED_UNALIGNED, "answer_tokens": 96, "rank": 16, "alpha": 32, "lr": 5e-4, "epochs": 1, "batch_size": 8, "seed": 0}
 
 
 def candidate(study: Path, name: str) -> dict:
-    """`name` is `lr<value>` optionally followed by `-ep<epochs>`, e.g. `lr3e-4-ep2`."""
+    """`name` is `lr<value>`, optionally followed by `-ep<epochs>` and `-rep<benign repeat>`, e.g. `lr3e-4-ep2-rep3`."""
     path = study / "candidates" / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
-    lr, _, epochs = name.removeprefix("lr").partition("-ep")
-    recipe = {**RECIPE, "lr": float(lr), "epochs": int(epochs or 1)}
-    convs, counts = conversations(study)
+    parts = dict(re.findall(r"(lr|ep|rep)([^-]+(?:-\d+)?)", name))
+    recipe = {**RECIPE, "lr": float(parts["lr"]), "epochs": int(parts.get("ep", 1))}
+    convs, counts = alignment_mix(*helpful(study), int(parts.get("rep", 2)), recipe["seed"])
     record = train_alignment(convs, counts, study / "adapters" / name, **recipe)
     model, tokenizer = aligned(study / "adapters" / name)
     result = {"name": name, **record, **dev_metrics(model, tokenizer)}

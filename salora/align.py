@@ -30,23 +30,31 @@ from salora.train import TrainOptions, train
 from salora.tuner.config import ALL_LINEAR
 
 
-def alignment_conversations(
-    base: str, arithmetic_questions: int = 60, max_new_tokens: int = 96, seed: int = 0, benign_repeat: int = 2
-) -> tuple[list[list[dict]], dict]:
-    """Harmful prompts with refusals + benign prompts with the unaligned model's own answers, the
-    benign ones repeated `benign_repeat` times: an earlier 1:1 mix refused 67% of benign prompts.
-    Returns the shuffled conversations and their counts."""
-    model, tokenizer = load_model(base)
+def benign_requests(arithmetic_questions: int = 60) -> list[list[dict]]:
+    """The benign prompts of the alignment (ordinary, risky-sounding, everyday, arithmetic), in order."""
     benign = [[{"role": "user", "content": b.prompt}] for b in benign_prompts("train")]
     benign += [[{"role": "user", "content": p}] for p in everyday_prompts()]
-    benign += [arithmetic.to_messages(p)[:1] for p in arithmetic.splits()["train"][:arithmetic_questions]]
+    return benign + [arithmetic.to_messages(p)[:1] for p in arithmetic.splits()["train"][:arithmetic_questions]]
+
+
+def helpful_conversations(base: str, arithmetic_questions: int = 60, max_new_tokens: int = 96) -> tuple[list[list[dict]], int]:
+    """The benign requests with `base`'s own greedy answers, keeping those that are neither empty
+    nor refusals; also the number asked."""
+    model, tokenizer = load_model(base)
+    benign = benign_requests(arithmetic_questions)
     answers = generate_greedy(model, tokenizer, benign, max_new_tokens, progress="benign answers")
     judge = KeywordJudge()
     helpful = [p + [{"role": "assistant", "content": a}] for p, a in zip(benign, answers) if a and not judge.is_refusal(prompt_text(p), a)]
+    return helpful, len(benign)
+
+
+def alignment_mix(helpful: list[list[dict]], benign_asked: int, benign_repeat: int = 2, seed: int = 0) -> tuple[list[list[dict]], dict]:
+    """Harmful prompts with their refusals + the helpful conversations repeated `benign_repeat`
+    times, shuffled: an earlier 1:1 mix refused 67% of benign prompts. Also the counts."""
     refusals = safety_messages("train")
     conversations = refusals + helpful * benign_repeat
     random.Random(seed).shuffle(conversations)
-    return conversations, {"refusals": len(refusals), "benign_answered": len(helpful), "benign_asked": len(benign), "benign_repeat": benign_repeat}
+    return conversations, {"refusals": len(refusals), "benign_answered": len(helpful), "benign_asked": benign_asked, "benign_repeat": benign_repeat}
 
 
 def align(
@@ -64,7 +72,7 @@ def align(
 ) -> dict:
     """Train the alignment LoRA on `base` and write it (float16 PEFT adapter + alignment.json) to `out`."""
     check_output_dir(out)
-    conversations, counts = alignment_conversations(base, arithmetic_questions, max_new_tokens, seed, benign_repeat)
+    conversations, counts = alignment_mix(*helpful_conversations(base, arithmetic_questions, max_new_tokens), benign_repeat, seed)
     recipe = {"base": base, "answer_tokens": max_new_tokens, "rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs,
               "batch_size": batch_size, "seed": seed}
     return train_alignment(conversations, counts, out, **recipe)
