@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from peft import PeftModel
 
 from salora.calibrate import calibrate
@@ -161,7 +162,10 @@ def safety_dir(study: Path, variant: Variant) -> Path:
     its own answers to the benign `train` prompts; computed once per study and configuration."""
     key = f"{'-'.join(variant.targets)}-r{variant.rank_safety}{'-contrastive' if variant.contrastive else ''}"
     out = study / "safety" / (key + (f"-in{variant.input_energy:g}" if variant.input_energy else ""))
-    if not out.exists():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):  # several study processes may share a study directory
+        if out.exists():
+            return out
         with tempfile.TemporaryDirectory() as tmp:
             data, benign = Path(tmp) / "harmful_train.jsonl", Path(tmp) / "benign_train.jsonl"
             write_jsonl(({"messages": m} for m in safety_messages("train")), data)
@@ -178,10 +182,16 @@ def run_path(study: Path, name: str, setting: Setting, seed: int) -> Path:
 
 
 def run_one(study: Path, name: str, setting: Setting, seed: int, n_task: int) -> dict:
-    variant = VARIANTS[name]
     path = run_path(study, name, setting, seed)
-    if path.exists():
-        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):  # another study process on the same run: wait for its result
+        if not path.exists():
+            path.write_text(json.dumps(train_and_evaluate(study, name, setting, seed, n_task), indent=1) + "\n")
+    return json.loads(path.read_text())
+
+
+def train_and_evaluate(study: Path, name: str, setting: Setting, seed: int, n_task: int) -> dict:
+    variant = VARIANTS[name]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         if setting.data == "task":
@@ -199,24 +209,20 @@ def run_one(study: Path, name: str, setting: Setting, seed: int, n_task: int) ->
         model, tokenizer = load_model(EMBEDDED)
         model = PeftModel.from_pretrained(model, f"{tmp}/adapter").eval()
         metrics = evaluate(model, tokenizer, n_task, with_task=True)
-    result = {
+    return {
         "variant": name, **asdict(variant), "setting": asdict(setting), "seed": seed,
         "train_seconds": summary["train_seconds"], "final_train_loss": summary["final_loss"], **metrics,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return result
 
 
 def reference_run(study: Path, name: str, spec: str, n_task: int) -> dict:
     path = study / "runs" / f"reference-{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    model, tokenizer = load_model(spec)
-    result = {"variant": name, **evaluate(model, tokenizer, n_task, with_task=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            model, tokenizer = load_model(spec)
+            path.write_text(json.dumps({"variant": name, **evaluate(model, tokenizer, n_task, with_task=True)}, indent=1) + "\n")
+    return json.loads(path.read_text())
 
 
 def matched_lr(study: Path, name: str, grid: list[float], lora: Setting, n_task: int) -> float:
