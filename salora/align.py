@@ -48,9 +48,11 @@ def helpful_conversations(base: str, arithmetic_questions: int = 60, max_new_tok
     return helpful, len(benign)
 
 
-def alignment_mix(helpful: list[list[dict]], benign_asked: int, benign_repeat: int = 2, seed: int = 0) -> tuple[list[list[dict]], dict]:
+def alignment_mix(helpful: list[list[dict]], benign_asked: int, benign_repeat: int = 4, seed: int = 0) -> tuple[list[list[dict]], dict]:
     """Harmful prompts with their refusals + the helpful conversations repeated `benign_repeat`
-    times, shuffled: an earlier 1:1 mix refused 67% of benign prompts. Also the counts."""
+    times, shuffled, and the counts. Measured on the alignment study's dev sets
+    (benchmarks/results/alignment/v3): x4 kept over-refusal at 25% and raised harmful refusal
+    from 88% (x2) to 94%; a 1:1 mix (v1) refused 67% of benign prompts."""
     refusals = safety_messages("train")
     conversations = refusals + helpful * benign_repeat
     random.Random(seed).shuffle(conversations)
@@ -68,7 +70,7 @@ def align(
     base: str = EMBEDDED_UNALIGNED,
     arithmetic_questions: int = 60,
     max_new_tokens: int = 96,
-    benign_repeat: int = 2,
+    benign_repeat: int = 4,
 ) -> dict:
     """Train the alignment LoRA on `base` and write it (float16 PEFT adapter + alignment.json) to `out`."""
     check_output_dir(out)

@@ -12,11 +12,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--benign-repeat", type=int, default=4, help="times each helpful benign conversation appears in the mix")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from salora.align import align
 
-    record = align(args.out, args.rank, args.alpha, args.lr, args.epochs, args.batch_size, args.seed)
+    record = align(args.out, args.rank, args.alpha, args.lr, args.epochs, args.batch_size, args.seed, benign_repeat=args.benign_repeat)
     print(f"alignment: {record['steps']} steps, final loss {record['final_loss']:.4f}, {record['train_seconds']:.0f}s -> {args.out}")
