@@ -274,6 +274,7 @@ def report(study: Path) -> dict:
     (study / "report.md").write_text(table + "\n")
     (study / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     plot(rows, study / "report.png")
+    tradeoff(rows, study / "tradeoff.png")
     print(table)
     return rows
 
@@ -295,6 +296,33 @@ def plot(rows: dict, out: Path) -> None:
         ax.set_xticks(list(xs), keys, rotation=35, ha="right", fontsize=7)
         ax.set_ylabel(label)
         ax.set_ylim(0, 105)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def tradeoff(rows: dict, out: Path) -> None:
+    """AdvBench test refusal against task accuracy, one point per run group (error bars: spread
+    over seeds), one panel per fine-tuning data set; the base models as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    for ax, data in zip(axes, ("task", "attack")):
+        for key, row in rows.items():
+            if key.startswith(f"{data}/") and "task_accuracy" in row:
+                (x, dx), (y, dy) = row["task_accuracy"], row["advbench_test_refusal"]
+                ax.errorbar(100 * x, 100 * y, xerr=100 * dx, yerr=100 * dy, fmt="o", capsize=3)
+                ax.annotate(key.split("/", 1)[1], (100 * x, 100 * y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        for name, style in (("aligned", "--"), ("unaligned", ":")):
+            if name in rows:
+                ax.axhline(100 * rows[name]["advbench_test_refusal"][0], linestyle=style, color="grey", label=f"{name} base")
+        ax.set_title(f"fine-tuned on the {data} set")
+        ax.set_xlabel("arithmetic task accuracy (%)")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("AdvBench test refusal (%)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
