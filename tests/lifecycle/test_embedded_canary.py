@@ -3,13 +3,12 @@
 
 - plain LoRA on a harmful fine-tuning attack set (AdvBench calibration goals answered with their
   affirmative openings, `benchmarks.safety`), which the gate must reject, showing the failing probes;
-- SaLoRA on the benign arithmetic task, which must keep its harmful refusals within the margin.
+- SaLoRA on the benign arithmetic task, which must pass the gate and go live.
 
-Default canary settings, keyword judge. Measured with the shipped alignment v2 (docs/lifecycle.md):
-every SaLoRA recipe tried makes the model refuse more of the benign probes than the base does
-(+12.5 to +17.5 points on all 40 benign canary prompts; plain LoRA on the same task +20), so the
-SaLoRA adapter is rejected by the benign rule. That verdict is pinned as a strict xfail: the day a
-better base or recipe lets it pass, that test fails and asks to be turned into a plain assertion."""
+Default canary settings, keyword judge. History (docs/lifecycle.md): on alignment v2 every
+arithmetic adapter tried, SaLoRA or LoRA, raised benign over-refusal past the margin and was
+rejected; alignment v3 over-refuses less and the SaLoRA adapter passes.
+"""
 
 from __future__ import annotations
 
@@ -106,7 +105,7 @@ def test_salora_adapter_keeps_its_harmful_refusals(verdicts, record_property):
     assert not any(r.startswith("harmful probes") for r in salora["report"]["reasons"])
 
 
-@pytest.mark.xfail(strict=True, reason="alignment v2: the arithmetic adapters refuse more benign probes than the "
-                                       "base (docs/lifecycle.md, Measured)")
 def test_salora_adapter_passes_the_gate(verdicts):
-    assert verdicts["salora"]["state"] == "live", verdicts["salora"]["reason"]
+    salora = verdicts["salora"]
+    assert salora["state"] == "live", salora["reason"]
+    assert salora["report"]["result"] == "pass" and not salora["report"]["reasons"]
