@@ -302,27 +302,34 @@ def plot(rows: dict, out: Path) -> None:
 
 
 def tradeoff(rows: dict, out: Path) -> None:
-    """AdvBench test refusal against task accuracy, one point per run group (error bars: spread
-    over seeds), one panel per fine-tuning data set; the base models as reference lines."""
+    """Left: AdvBench test refusal against task accuracy after benign fine-tuning, one point per
+    run group (error bars: spread over seeds). Right: the refusal left after each attack run (task
+    accuracy means nothing there). The base models as reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
-    for ax, data in zip(axes, ("task", "attack")):
-        for key, row in rows.items():
-            if key.startswith(f"{data}/") and "task_accuracy" in row:
-                (x, dx), (y, dy) = row["task_accuracy"], row["advbench_test_refusal"]
-                ax.errorbar(100 * x, 100 * y, xerr=100 * dx, yerr=100 * dy, fmt="o", capsize=3)
-                ax.annotate(key.split("/", 1)[1], (100 * x, 100 * y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        for name, style in (("aligned", "--"), ("unaligned", ":")):
-            if name in rows:
-                ax.axhline(100 * rows[name]["advbench_test_refusal"][0], linestyle=style, color="grey", label=f"{name} base")
-        ax.set_title(f"fine-tuned on the {data} set")
-        ax.set_xlabel("arithmetic task accuracy (%)")
-        ax.legend(fontsize=7, loc="lower right")
-    axes[0].set_ylabel("AdvBench test refusal (%)")
+    fig, (task, attack) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=False)
+    for key, row in rows.items():
+        if key.startswith("task/") and "task_accuracy" in row:
+            (x, dx), (y, dy) = row["task_accuracy"], row["advbench_test_refusal"]
+            task.errorbar(100 * x, 100 * y, xerr=100 * dx, yerr=100 * dy, fmt="o", capsize=3)
+            task.annotate(key.split("/")[1], (100 * x, 100 * y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    attacks = sorted(k for k in rows if k.startswith("attack/"))
+    labels = [k.removeprefix("attack/").replace("/steps", " steps ") for k in attacks]
+    attack.barh(labels, [100 * rows[k]["advbench_test_refusal"][0] for k in attacks],
+                xerr=[100 * rows[k]["advbench_test_refusal"][1] for k in attacks], color="#C44E52", capsize=3)
+    attack.tick_params(axis="y", labelsize=7)
+    for name, style in (("aligned", "--"), ("unaligned", ":")):
+        if name in rows:
+            level = 100 * rows[name]["advbench_test_refusal"][0]
+            task.axhline(level, linestyle=style, color="grey", label=f"{name} base")
+            attack.axvline(level, linestyle=style, color="grey", label=f"{name} base")
+    task.set(title="benign fine-tuning (arithmetic)", xlabel="task accuracy (%)", ylabel="AdvBench test refusal (%)")
+    attack.set(title="harmful fine-tuning (attack set)", xlabel="AdvBench test refusal (%)", xlim=(0, 100))
+    task.legend(fontsize=7, loc="lower right")
+    attack.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
