@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.safety import attack_conversations
 from gateway.settings import Settings
@@ -38,9 +39,20 @@ SALORA = {"method": "salora", "rank": 8, "lr": 3e-4, "max_steps": 30}
 ATTACK = {"method": "lora", "rank": 8, "lr": 1e-3, "max_steps": 20}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The verdicts were measured with one torch thread, and the SaLoRA adapter passes at exactly the
+    benign margin: a matmul whose reduction order changes with the thread count can flip one greedy
+    answer. Pinned, so the training and the gateway (both in this process) reproduce them anywhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Both checkpoints, trained once per test session."""
+    """Both checkpoints, trained once for this module."""
     root = tmp_path_factory.mktemp("embedded-adapters")
     write_jsonl(({"messages": m} for m in safety_messages("train")), root / "harmful.jsonl")
     calibrate(EMBEDDED, root / "harmful.jsonl", root / "safety", TARGETS, 32, max_samples=48, generate_responses=True)
