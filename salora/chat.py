@@ -5,13 +5,13 @@ the safety basis)."""
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from salora.datasets import json_line
 from salora.errors import SaLoRAError
 
 Messages = list[dict[str, str]]
@@ -42,12 +42,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SaLoRAError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
-        except RecursionError as e:
-            raise SaLoRAError(f"{path}:{lineno}: JSON nested too deeply") from e
+        row = json_line(line, f"{path}:{lineno}")
         if not isinstance(row, dict):
             raise SaLoRAError(f"{path}:{lineno}: each line must be a JSON object")
         rows.append(row)

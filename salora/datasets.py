@@ -44,6 +44,16 @@ class BenignPrompt:
     prompt: str
 
 
+def json_line(line: str, where: str) -> Any:
+    """One JSONL line parsed, or a one-line error naming `where` (file:line)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SaLoRAError(f"{where}: malformed JSON ({e.msg})") from e
+    except RecursionError as e:
+        raise SaLoRAError(f"{where}: JSON nested too deeply") from e
+
+
 def _data_bytes(name: str) -> bytes:
     return (files("salora") / "resources" / "data" / name).read_bytes()
 
@@ -61,12 +71,7 @@ def _rows(name: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
         if not line.strip():
             continue
         where = f"{name}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SaLoRAError(f"{where}: malformed JSON ({e.msg})") from e
-        except RecursionError as e:
-            raise SaLoRAError(f"{where}: JSON nested too deeply") from e
+        row = json_line(line, where)
         if not isinstance(row, dict) or set(row) != set(fields):
             raise SaLoRAError(f"{where}: expected exactly the fields {list(fields)}")
         if not all(isinstance(row[f], str) and row[f].strip() for f in fields):
