@@ -225,15 +225,22 @@ def reference_run(study: Path, name: str, spec: str, n_task: int) -> dict:
     return json.loads(path.read_text())
 
 
+def lora_control(name: str) -> str:
+    """The plain-LoRA run a variant is compared with: the one adapting the same modules."""
+    return "lora-all" if VARIANTS[name].targets == ALL else "lora"
+
+
 def matched_lr(study: Path, name: str, grid: list[float], lora: Setting, n_task: int) -> float:
-    """The learning rate from `grid` at which variant `name` reaches LoRA's task validation loss
-    (seed 0, closest in log loss). Training strength is matched on the task's validation split
-    only, never on safety data: the task-aware initialisation alone makes SaLoRA train much harder
-    at an equal learning rate (docs/salora.md). Every grid run is kept as an ordinary run."""
-    target = run_one(study, "lora", lora, 0, n_task)["task_val_loss"]
+    """The learning rate from `grid` at which variant `name` reaches its LoRA control's task
+    validation loss (seed 0, closest in log loss). Training strength is matched on the task's
+    validation split only, never on safety data: the task-aware initialisation alone makes SaLoRA
+    train much harder at an equal learning rate (docs/salora.md). Every grid run is kept as an
+    ordinary run."""
+    control = lora_control(name)
+    target = run_one(study, control, lora, 0, n_task)["task_val_loss"]
     losses = {lr: run_one(study, name, Setting("task", lr, lora.steps, lora.rank), 0, n_task)["task_val_loss"] for lr in grid}
     chosen = min(grid, key=lambda lr: abs(math.log(losses[lr]) - math.log(target)))
-    record = {"lora_lr": lora.lr, "lora_val_loss": target, "val_loss_by_lr": {f"{lr:g}": v for lr, v in losses.items()}, "lr": chosen}
+    record = {"control": control, "lora_lr": lora.lr, "lora_val_loss": target, "val_loss_by_lr": {f"{lr:g}": v for lr, v in losses.items()}, "lr": chosen}
     path = study / "matched_lr.json"
     matched = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**matched, name: record}, indent=1) + "\n")
@@ -348,7 +355,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--n-task", type=int, default=150, help="arithmetic test problems scored")
     ap.add_argument("--match-lr", default="", help="variants whose learning rates are scaled so that their task "
-                    "validation loss matches LoRA's at --task-lr, chosen from --lr-grid (the attack's by the same factor)")
+                    "validation loss matches their LoRA control's (same modules) at --task-lr, chosen from --lr-grid (the attack's by the same factor)")
     ap.add_argument("--lr-grid", default="2e-4,5e-4,1e-3")
     ap.add_argument("--report", action="store_true", help="only aggregate the saved runs")
     args = ap.parse_args()
