@@ -39,7 +39,7 @@ from salora.judge import KeywordJudge
 from salora.models import EMBEDDED, EMBEDDED_UNALIGNED, load_model
 from salora.tasks import arithmetic
 from salora.train import TrainOptions, train
-from salora.tuner.config import ALL_LINEAR, DEFAULT_TARGETS
+from salora.tuner.config import ALL_LINEAR, PAPER_TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 ADVBENCH = ROOT.parent / "shared" / "data" / "advbench_dev.csv"
@@ -61,7 +61,7 @@ class Variant:
     method: str  # lora | salora
     init: str = "task"  # task | task-scaled | zero (salora only)
     projection: str = "output"  # output | input | both | none
-    targets: tuple[str, ...] = tuple(DEFAULT_TARGETS)
+    targets: tuple[str, ...] = tuple(PAPER_TARGETS)
     rank_safety: int = 32
     contrastive: bool = False
     input_energy: float | None = None

@@ -26,8 +26,7 @@ from salora.datasets import safety_messages, write_jsonl
 from salora.models import EMBEDDED, linear_modules, load_model
 from salora.tasks import arithmetic
 from salora.tuner import SaLoRAConfig, SaLoRALinear, inject_salora, salora_layers
-
-TARGETS = ["q_proj", "v_proj"]
+from salora.tuner.config import PAPER_TARGETS
 
 
 class DenseCLinear(SaLoRALinear):
@@ -54,20 +53,20 @@ def main() -> None:
         data = Path(tmp) / "safety.jsonl"
         write_jsonl([{"messages": m} for m in safety_messages("train")[:128]], data)
         t0 = time.perf_counter()
-        meta = calibrate(EMBEDDED, data, Path(tmp) / "safety", TARGETS, rank_safety=32, max_samples=128)
+        meta = calibrate(EMBEDDED, data, Path(tmp) / "safety", PAPER_TARGETS, rank_safety=32, max_samples=128)
         calibrate_s = time.perf_counter() - t0
         print(f"calibrate: {calibrate_s:.1f}s for {meta['sequences']} sequences, {meta['response_tokens']} response tokens")
 
         task = [arithmetic.to_messages(p) for p in arithmetic.splits()["train"][:128]]
         models = {}
         base, tokenizer = load_model(EMBEDDED)
-        models["lora"] = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, lora_dropout=0.0))
+        models["lora"] = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PAPER_TARGETS, lora_dropout=0.0))
         for kind in ("salora", "dense_c"):
             model, _ = load_model(EMBEDDED)
-            modules = linear_modules(model, TARGETS)
+            modules = linear_modules(model, PAPER_TARGETS)
             safety, _ = load_safety(Path(tmp) / "safety", modules)
             task_bases, _ = module_bases(modules, record_input_moments(model, tokenizer, task, modules), 32)
-            inject_salora(model, modules, SaLoRAConfig(rank=args.rank, target_modules=TARGETS), safety, task_bases)
+            inject_salora(model, modules, SaLoRAConfig(rank=args.rank, target_modules=PAPER_TARGETS, init="task", projection="output"), safety, task_bases)
             if kind == "dense_c":
                 for name, layer in salora_layers(model).items():
                     parent, _, child = name.rpartition(".")
@@ -91,7 +90,7 @@ def main() -> None:
         for kind in (list(models) if r % 2 == 0 else list(reversed(models))):
             times[kind].append(step(kind))
     median = {k: statistics.median(v) for k, v in times.items()}
-    print(f"batch {args.batch_size} x {batch['input_ids'].shape[1]} tokens, rank {args.rank}, targets {TARGETS}, {args.rounds} interleaved rounds")
+    print(f"batch {args.batch_size} x {batch['input_ids'].shape[1]} tokens, rank {args.rank}, targets {PAPER_TARGETS}, {args.rounds} interleaved rounds")
     for kind, t in median.items():
         print(f"  {kind:8s} median step {t:.3f}s  ({t / median['lora']:.3f}x LoRA)")
     result = {

@@ -1,5 +1,6 @@
-"""Export a `salora train` checkpoint as a standard PEFT adapter for the UNMODIFIED base (rank 2r,
-projection folded in; served by PEFT and by vLLM's stock multi-LoRA) or as a merged model."""
+"""Export a `salora train` checkpoint as a standard PEFT adapter for the UNMODIFIED base (rank 2r
+from the task-aware init, r from the zero one, projections folded in; served by PEFT and by vLLM's
+stock multi-LoRA) or as a merged model."""
 
 from __future__ import annotations
 

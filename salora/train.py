@@ -24,7 +24,7 @@ from salora.calibrate import SAFETY_META, check_rank, load_safety, module_bases,
 from salora.chat import collate, read_chat_jsonl, tokenize_chat
 from salora.errors import SaLoRAError
 from salora.models import linear_modules, load_model, model_id, weight_hash
-from salora.tuner.config import DEFAULT_TARGETS, SaLoRAConfig
+from salora.tuner.config import ALL_LINEAR, SaLoRAConfig
 from salora.tuner.model import inject_salora, salora_layers, salora_state
 
 CHECKPOINT_CONFIG = "salora_config.json"
@@ -47,8 +47,8 @@ class TrainOptions:
     batch_size: int = 8
     seed: int = 0
     target_modules: list[str] | None = None
-    init: str = "task"
-    projection: str = "output"
+    init: str = "zero"
+    projection: str = "input"
     task_rank: int = 32
     task_samples: int = 128
     max_length: int = 512
@@ -61,7 +61,7 @@ def _targets(opts: TrainOptions) -> list[str]:
         return opts.target_modules
     if opts.safety and (Path(opts.safety) / SAFETY_META).is_file():
         return json.loads((Path(opts.safety) / SAFETY_META).read_text())["target_modules"]
-    return list(DEFAULT_TARGETS)
+    return list(ALL_LINEAR)
 
 
 def _validate(opts: TrainOptions) -> None:
@@ -96,7 +96,10 @@ def train(opts: TrainOptions) -> dict:
     if opts.method == "salora":
         safety, input_bases = load_safety(opts.safety, modules) if opts.safety else (None, None)
         if opts.projection in ("input", "both") and input_bases is None:
-            raise SaLoRAError(f"--projection {opts.projection} needs a safety basis calibrated with --input-energy")
+            raise SaLoRAError(
+                f"--projection {opts.projection} needs an input guard in the safety basis, and {opts.safety} has none: calibrate "
+                "with --input-energy (on by default; --preset paper turns it off), or train with --preset paper or --projection output"
+            )
         task_bases = None
         if config.init in ("task", "task-scaled"):
             check_rank(modules, config.task_rank, "--task-rank")

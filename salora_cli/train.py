@@ -19,12 +19,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target-modules", type=csv_list, default=None, help="default: the safety basis's modules")
-    p.add_argument("--init", choices=["task", "task-scaled", "zero"], default="task",
-                   help="SaLoRA start: task-aware (paper), task-aware at LoRA's magnitude, or standard LoRA (zero B)")
-    p.add_argument("--preset", choices=["paper"], default=None, help="paper: task-aware init, d_s 32, alpha = rank, the basis's modules")
-    p.add_argument("--projection", choices=["output", "input", "both", "none"], default="output",
-                   help="output: the paper's C on every update; input: the input-side guard (needs --input-energy at calibration); none: ablation")
+    p.add_argument("--target-modules", type=csv_list, default=None,
+                   help="default: the safety basis's modules (all seven linear projections for --method lora without --safety)")
+    p.add_argument("--init", choices=["task", "task-scaled", "zero"], default="zero",
+                   help="SaLoRA start: standard LoRA, zero B (default), task-aware (the paper's), or task-aware at LoRA's magnitude")
+    p.add_argument("--preset", choices=["paper"], default=None,
+                   help="paper: task-aware init, d_s 32, alpha = rank, output projection, the basis's modules (calibrate with --preset paper)")
+    p.add_argument("--projection", choices=["output", "input", "both", "none"], default="input",
+                   help="input (default): the input-side guard (needs the basis's --input-energy); output: the paper's C on every update; "
+                        "both; none: ablation")
     p.add_argument("--task-rank", type=int, default=32, help="d_s, task directions for the task-aware init")
     p.add_argument("--max-length", type=int, default=512, help="tokens per conversation")
     p.add_argument("--save-every", type=int, default=None, help="also keep checkpoints/step-N every N steps")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from salora.tuner.config import ALL_LINEAR, PAPER_TARGETS, SaLoRAConfig
 from salora_cli.main import main
 from tests.conftest import build_tiny_llama, write_jsonl
 
@@ -23,11 +24,12 @@ def salora(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_pipeline_end_to_end(tiny_model_dir, chat_files, tmp_path):
+    """With the defaults: the input guard on all seven linear projections, a standard LoRA start."""
     model = str(tiny_model_dir)
     steps = [
-        ("calibrate", "--model", model, "--data", str(chat_files["safety"]), "--out", str(tmp_path / "safety"), "--rank-safety", "8"),
+        ("calibrate", "--model", model, "--data", str(chat_files["safety"]), "--out", str(tmp_path / "safety")),
         ("train", "--model", model, "--data", str(chat_files["task"]), "--safety", str(tmp_path / "safety"), "--out",
-         str(tmp_path / "ckpt"), "--rank", "4", "--task-rank", "8", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3"),
+         str(tmp_path / "ckpt"), "--rank", "4", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3"),
         ("export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "adapter")),
         ("eval", "--model", model, "--adapter", str(tmp_path / "adapter"), "--prompts", str(chat_files["prompts"]),
          "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "8", "--label", "salora"),
@@ -38,10 +40,14 @@ def test_pipeline_end_to_end(tiny_model_dir, chat_files, tmp_path):
         proc = salora(*args)
         assert proc.returncode == 0, f"{args[0]}: {proc.stderr[-2000:]}"
     safety = json.loads((tmp_path / "safety" / "safety.json").read_text())
-    assert safety["rank_safety"] == 8 and len(safety["modules"]) == 4 and safety["response_tokens"] > 0
+    assert safety["target_modules"] == sorted(ALL_LINEAR) and len(safety["modules"]) == 14  # 7 projections x 2 layers
+    assert safety["rank_safety"] == 32 and safety["basis"] == "variance" and safety["response_tokens"] > 0
+    assert safety["input_energy"] == 0.9 and sorted(safety["input_ranks"]) == safety["modules"]
+    ckpt = json.loads((tmp_path / "ckpt" / "salora_config.json").read_text())
+    assert ckpt["salora"] == SaLoRAConfig(rank=4, target_modules=sorted(ALL_LINEAR), init="zero", projection="input").to_dict()
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3]
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8  # rank 2r
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4  # rank r: a zero-init start
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 4 and len(result["items"]) == 4
     assert result["refusal_rate"] == sum(i["refused"] for i in result["items"]) / 4
@@ -115,3 +121,51 @@ def test_bad_input_gives_one_line_error_and_no_output(case, tiny_model_dir, othe
     else:
         assert not out.exists()
     assert list(work.iterdir()) == []  # no partial directories left beside the output
+
+
+@pytest.fixture(scope="module")
+def paper_safety_dir(tiny_model_dir, chat_files, tmp_path_factory) -> Path:
+    """`calibrate --preset paper`, with flags the preset must override."""
+    out = tmp_path_factory.mktemp("cli-paper-safety") / "safety"
+    args = ["calibrate", "--model", str(tiny_model_dir), "--data", str(chat_files["safety"]), "--out", str(out), "--preset", "paper",
+            "--target-modules", "k_proj,o_proj", "--rank-safety", "4", "--energy", "0.5", "--input-energy", "0.5", "--max-samples", "2"]
+    assert main(args) == 0
+    return out
+
+
+def test_paper_preset_is_the_paper_on_both_commands(paper_safety_dir, tiny_model_dir, chat_files, tmp_path):
+    from safetensors.torch import load_file
+
+    safety = json.loads((paper_safety_dir / "safety.json").read_text())
+    assert safety["target_modules"] == PAPER_TARGETS and len(safety["modules"]) == 4
+    assert (safety["rank_safety"], safety["energy"], safety["basis"], safety["contrast_sequences"]) == (32, None, "variance", 0)
+    assert safety["input_energy"] is None and safety["input_ranks"] == {}
+    assert safety["sequences"] == 12  # all of them: the preset's 128 samples, not --max-samples 2
+    assert not any(k.endswith(".U") for k in load_file(str(paper_safety_dir / "safety.safetensors")))
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(chat_files["task"]), "--safety", str(paper_safety_dir),
+            "--out", str(tmp_path / "ckpt"), "--preset", "paper", "--rank", "4", "--max-steps", "1", "--batch-size", "4",
+            "--init", "zero", "--projection", "input", "--alpha", "7", "--task-rank", "4"]
+    assert main(args) == 0
+    ckpt = json.loads((tmp_path / "ckpt" / "salora_config.json").read_text())
+    paper = SaLoRAConfig(rank=4, alpha=None, target_modules=PAPER_TARGETS, init="task", task_rank=32, projection="output")
+    assert ckpt["salora"] == paper.to_dict()
+
+
+def test_default_train_on_a_basis_without_input_guard_says_how_to_fix_it(paper_safety_dir, tiny_model_dir, chat_files, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    capsys.readouterr()
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(chat_files["task"]), "--safety", str(paper_safety_dir),
+            "--out", str(out), "--rank", "4", "--max-steps", "1"]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not PROGRESS.search(line)]
+    assert len(err) == 1 and err[0].startswith("salora train: error: --projection input needs an input guard"), err
+    assert all(fix in err[0] for fix in ("--input-energy", "--preset paper", "--projection output")), err
+    assert not out.exists()
+
+
+def test_lora_needs_no_safety_basis(tiny_model_dir, chat_files, tmp_path):
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(chat_files["task"]), "--out", str(tmp_path / "ckpt"),
+            "--method", "lora", "--rank", "2", "--max-steps", "1", "--batch-size", "4"]
+    assert main(args) == 0
+    ckpt = json.loads((tmp_path / "ckpt" / "salora_config.json").read_text())
+    assert ckpt["method"] == "lora" and ckpt["safety"] is None and ckpt["salora"]["target_modules"] == ALL_LINEAR

@@ -1,5 +1,7 @@
 """The SaLoRA math on tiny random Llama models: step-0 identity, orthogonality of the update to the
-safety basis, exactness of the PEFT and merged exports, and gradients of the low-rank projection."""
+safety basis, exactness of the PEFT and merged exports, and gradients of the low-rank projection.
+Most of it is the paper's configuration (task-aware init, output projection C), asked for explicitly:
+the defaults are the input guard with a standard LoRA start."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from salora.tuner import SaLoRAConfig, SaLoRALinear, inject_salora, load_salora
 from salora.tuner.model import split_state
 
 TARGETS = ["q_proj", "v_proj"]
+PAPER = {"init": "task", "projection": "output"}
 
 
 def logits(model, tokenizer, texts=("Hello there, how are you?", "Tell me a story about a cat.")) -> torch.Tensor:
@@ -60,7 +63,7 @@ def trained(tiny_model_dir, chat_files, safety_dir, tmp_path_factory) -> dict[st
     for method in ("salora", "lora"):
         ckpt = root / f"{method}-ckpt"
         train(TrainOptions(model=str(tiny_model_dir), data=str(chat_files["task"]), out=str(ckpt), safety=str(safety_dir),
-                           method=method, rank=4, lr=5e-3, max_steps=6, batch_size=4, task_rank=8))
+                           method=method, rank=4, lr=5e-3, max_steps=6, batch_size=4, task_rank=8, **PAPER))
         paths[method] = ckpt
         export(ckpt, root / f"{method}-peft", "peft")
         paths[f"{method}-peft"] = root / f"{method}-peft"
@@ -76,7 +79,7 @@ def test_step_zero_equals_base(tiny_model_dir, chat_files):
     safety, _ = module_bases(modules, record_input_moments(model, tokenizer, read_chat_jsonl(chat_files["safety"]), modules), 8)
     task, _ = module_bases(modules, record_input_moments(model, tokenizer, read_chat_jsonl(chat_files["task"]), modules), 8)
     weights = {name: m.weight.clone() for name, m in modules.items()}
-    inject_salora(model, modules, SaLoRAConfig(rank=4, target_modules=TARGETS), safety, task)
+    inject_salora(model, modules, SaLoRAConfig(rank=4, target_modules=TARGETS, **PAPER), safety, task)
     expected = logits(base, tokenizer)
     assert (logits(model, tokenizer) - expected).abs().max().item() < 1e-5
     # Control: without the residual the task-aware start is far from the base, so the check above can fail.
@@ -88,7 +91,8 @@ def test_step_zero_equals_base(tiny_model_dir, chat_files):
 
 def test_untrained_checkpoint_exports_zero_delta(tiny_model_dir, chat_files, safety_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
-    train(TrainOptions(model=str(tiny_model_dir), data=str(chat_files["task"]), out=str(ckpt), safety=str(safety_dir), rank=4, max_steps=0, task_rank=8))
+    train(TrainOptions(model=str(tiny_model_dir), data=str(chat_files["task"]), out=str(ckpt), safety=str(safety_dir), rank=4, max_steps=0,
+                       task_rank=8, **PAPER))
     export(ckpt, tmp_path / "peft", "peft")
     deltas = peft_deltas(tmp_path / "peft")
     assert len(deltas) == 4  # q and v of 2 layers
@@ -178,7 +182,8 @@ def test_task_scaled_init_keeps_directions_at_lora_magnitude():
     assert torch.allclose(A0, A1 * factor, atol=1e-5) and torch.allclose(B0, B1 * factor, atol=1e-4)
 
 
-def test_input_guard_update_ignores_safety_inputs_and_exports_exactly(tiny_model_dir, chat_files, tmp_path):
+@pytest.mark.parametrize(("init", "projection"), [("task", "both"), ("zero", "input")])  # both guards; the default
+def test_input_guard_update_ignores_safety_inputs_and_exports_exactly(init, projection, tiny_model_dir, chat_files, tmp_path):
     import json
 
     calibrate(str(tiny_model_dir), chat_files["safety"], tmp_path / "safety", TARGETS, rank_safety=4, input_energy=0.9)
@@ -186,13 +191,16 @@ def test_input_guard_update_ignores_safety_inputs_and_exports_exactly(tiny_model
     meta = json.loads((tmp_path / "safety" / "safety.json").read_text())
     assert all(0 < r < 64 for r in meta["input_ranks"].values())
     train(TrainOptions(model=str(tiny_model_dir), data=str(chat_files["task"]), out=str(tmp_path / "ckpt"), safety=str(tmp_path / "safety"),
-                       rank=4, lr=5e-3, max_steps=4, batch_size=4, task_rank=8, projection="both"))
+                       rank=4, lr=5e-3, max_steps=4, batch_size=4, task_rank=8, init=init, projection=projection))
     export(tmp_path / "ckpt", tmp_path / "peft", "peft")
-    for name, delta in peft_deltas(tmp_path / "peft").items():
+    deltas = peft_deltas(tmp_path / "peft")
+    assert len(deltas) == 4 and json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == (8 if init == "task" else 4)
+    for name, delta in deltas.items():
         V, U = tensors[f"{name}.V"], tensors[f"{name}.U"]
         assert delta.norm() > 0
-        assert (V.T @ delta).norm() / delta.norm() < 1e-4
         assert (delta @ U).norm() / delta.norm() < 1e-4
+        output_side = (V.T @ delta).norm() / delta.norm()
+        assert output_side < 1e-4 if projection == "both" else output_side > 1e-2
     ckpt_meta = json.loads((tmp_path / "ckpt" / "salora_config.json").read_text())
     model, tokenizer = load_model(tiny_model_dir)
     load_salora(model, linear_modules(model, TARGETS), load_file(str(tmp_path / "ckpt" / SALORA_WEIGHTS)), SaLoRAConfig(**ckpt_meta["salora"]).scale)

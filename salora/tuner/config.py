@@ -5,15 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-DEFAULT_TARGETS = ["q_proj", "v_proj"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAPER_TARGETS = ["q_proj", "v_proj"]
 Init = Literal["task", "task-scaled", "zero"]
 Projection = Literal["output", "input", "both", "none"]
 
 
 @dataclass
 class SaLoRAConfig:
-    """Hyper-parameters of a SaLoRA adapter (paper defaults: r_s = d_s = 32, alpha = r).
+    """Hyper-parameters of a SaLoRA adapter. The defaults are the configuration that won this
+    project's safety study (docs/safety-study.md): all seven linear projections, standard LoRA start,
+    input-side guard. The paper's is PAPER_TARGETS, `init="task"`, `task_rank=32`, `projection="output"`
+    (alpha = r, r_s = 32 at calibration).
 
     init: `task` is the paper's task-aware start (B0 = V_t V_t^T U sqrt(S), A0 = sqrt(S) V^T,
     base weight replaced by the residual so step 0 equals the base); `task-scaled` keeps those
@@ -26,10 +29,10 @@ class SaLoRAConfig:
 
     rank: int = 16
     alpha: float | None = None
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    init: Init = "task"
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    init: Init = "zero"
     task_rank: int = 32
-    projection: Projection = "output"
+    projection: Projection = "input"
 
     @property
     def scale(self) -> float:

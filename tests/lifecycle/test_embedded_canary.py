@@ -35,8 +35,8 @@ TARGETS = ["q_proj", "v_proj"]
 # Modest recipes (rank 8, batch 8). SaLoRA for 30 steps at 3e-4 takes the task loss from 2.3 to 0.24
 # and the accuracy on 40 test problems from 2.5% to 7.5%; the attack at 1e-3 for 20 steps takes the
 # harmful refusal rate to 0.
-SALORA = {"method": "salora", "rank": 8, "lr": 3e-4, "max_steps": 30}
-ATTACK = {"method": "lora", "rank": 8, "lr": 1e-3, "max_steps": 20}
+SALORA = {"method": "salora", "rank": 8, "lr": 3e-4, "max_steps": 30, "init": "task", "projection": "output"}  # the paper's
+ATTACK = {"method": "lora", "rank": 8, "lr": 1e-3, "max_steps": 20, "target_modules": TARGETS}
 
 
 @pytest.fixture(scope="module", autouse=True)

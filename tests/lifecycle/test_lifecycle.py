@@ -152,17 +152,20 @@ def test_retire_unloads_and_keeps_the_record(tiny_gateway, gateway_model_dir, tm
 
 
 def test_checkpoints_are_exported_on_arrival(tiny_gateway, gateway_model_dir, chat_files, tmp_path):
-    """`salora train` checkpoints, LoRA and SaLoRA, uploaded as they are; SaLoRA exports at rank 2r."""
+    """`salora train` checkpoints, LoRA and SaLoRA, uploaded as they are. SaLoRA exports at rank r from
+    its default standard start (input guard) and at rank 2r from the paper's task-aware one."""
     gw = tiny_gateway
     lora = tmp_path / "lora-ckpt"
     train(TrainOptions(model=str(gateway_model_dir), data=str(chat_files["task"]), out=str(lora), method="lora",
                        rank=4, max_steps=1, lr=1e-9))
     safety = tmp_path / "safety"
-    calibrate(str(gateway_model_dir), chat_files["safety"], safety, ["q_proj", "v_proj"], rank_safety=4)
-    salora = tmp_path / "salora-ckpt"
+    calibrate(str(gateway_model_dir), chat_files["safety"], safety, ["q_proj", "v_proj"], rank_safety=4, input_energy=0.9)
+    salora, paper = tmp_path / "salora-ckpt", tmp_path / "paper-ckpt"
     train(TrainOptions(model=str(gateway_model_dir), data=str(chat_files["task"]), out=str(salora), method="salora",
-                       safety=str(safety), rank=4, max_steps=1, lr=1e-9, task_rank=4))
-    for name, checkpoint, rank in (("from-lora", lora, 4), ("from-salora", salora, 8)):
+                       safety=str(safety), rank=4, max_steps=1, lr=1e-9))
+    train(TrainOptions(model=str(gateway_model_dir), data=str(chat_files["task"]), out=str(paper), method="salora",
+                       safety=str(safety), rank=4, max_steps=1, lr=1e-9, init="task", projection="output", task_rank=4))
+    for name, checkpoint, rank in (("from-lora", lora, 4), ("from-salora", salora, 4), ("from-paper", paper, 8)):
         files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
         response = upload(gw, name, {"ckpt.tar.gz": tar_gz(files, prefix="ckpt/")})
         assert response.status_code == 202, response.text

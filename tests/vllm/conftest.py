@@ -156,7 +156,7 @@ def salora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     calibrate("embedded", root / "safety.jsonl", root / "safety", ["q_proj", "v_proj"], 8, max_samples=16)
     train(TrainOptions(model="embedded", data=str(root / "task.jsonl"), out=str(root / "checkpoint"),
                        safety=str(root / "safety"), method="salora", rank=8, max_steps=3, batch_size=4, lr=5e-3,
-                       task_rank=8, task_samples=16, max_length=192))
+                       init="task", projection="output", task_rank=8, task_samples=16, max_length=192))
     export(root / "checkpoint", root / "peft", "peft")
     return root / "peft"
 
