@@ -93,6 +93,10 @@ class VLLMServer:
             assert time.monotonic() < deadline, f"vLLM not ready in {timeout} s; log tail:\n{self.log.read_text()[-3000:]}"
             time.sleep(0.5)
 
+    def freeze(self) -> None:
+        """SIGSTOP the server's process group: it keeps its sockets but answers nothing (a hung replica)."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
     def kill(self) -> None:
         """SIGKILL the server's process group at once (a crashed replica)."""
         if self.process.poll() is None:
