@@ -254,28 +254,42 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def versus_control(key: str, rows: dict, base: float) -> str:
+    """A run group's rise in harmful rate as a share of its LoRA control's (same data, learning
+    rate, steps and modules): the number the study's goals are stated in."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[1] not in VARIANTS:
+        return "-"
+    if parts[1] == lora_control(parts[1]):
+        return "control"
+    control = rows.get("/".join([parts[0], lora_control(parts[1]), *parts[2:]]))
+    if control is None or base - control["advbench_test_refusal"][0] <= 0:
+        return "-"
+    return f"{(base - rows[key]['advbench_test_refusal'][0]) / (base - control['advbench_test_refusal'][0]):.2f}"
+
+
 def report(study: Path) -> dict:
     """Aggregate saved runs (mean and spread over seeds) into summary.json, report.md and report.png."""
     runs = [json.loads(p.read_text()) for p in sorted((study / "runs").glob("*.json"))]
     groups: dict[str, list[dict]] = {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: ("setting" in r, r.get("setting", {}).get("data") != "task")):
         key = r["variant"] if "setting" not in r else f"{r['setting']['data']}/{r['variant']}/lr{r['setting']['lr']:g}/steps{r['setting']['steps']}"
         groups.setdefault(key, []).append(r)
     rows = {}
     for key, rs in groups.items():
         rows[key] = {"seeds": len(rs), **{m: mean_sd([r[m] for r in rs]) for m in METRICS if all(m in r for r in rs)}}
     base = rows.get("aligned", {}).get("advbench_test_refusal", (math.nan,))[0]
-    lines = ["| run | seeds | AdvBench test refusal | own canary refusal | benign over-refusal | task acc | task val loss | rise in harmful rate | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | seeds | AdvBench test refusal | own canary refusal | benign over-refusal | task acc | task val loss "
+             "| rise in harmful rate | vs LoRA control | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     pct = lambda v: f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}" if v else "-"  # noqa: E731
     for key, row in rows.items():
-        rise = f"{100 * (base - row['advbench_test_refusal'][0]):+.1f}" if "advbench_test_refusal" in row and not math.isnan(base) else "-"
+        rise = f"{100 * (base - row['advbench_test_refusal'][0]):+.1f}" if not math.isnan(base) else "-"
+        loss = f"{row['task_val_loss'][0]:.3f}" if "task_val_loss" in row else "-"
+        seconds = f"{row['train_seconds'][0]:.0f}" if "train_seconds" in row else "-"
         lines.append(
             f"| {key} | {row['seeds']} | {pct(row.get('advbench_test_refusal'))} | {pct(row.get('own_harmful_refusal'))} | "
-            f"{pct(row.get('benign_refusal'))} | {pct(row.get('task_accuracy'))} | "
-            f"{row['task_val_loss'][0]:.3f} | {rise} | {row.get('train_seconds', (0,))[0]:.0f} |" if "task_val_loss" in row else
-            f"| {key} | {row['seeds']} | {pct(row.get('advbench_test_refusal'))} | {pct(row.get('own_harmful_refusal'))} | "
-            f"{pct(row.get('benign_refusal'))} | {pct(row.get('task_accuracy'))} | - | {rise} | - |"
+            f"{pct(row.get('benign_refusal'))} | {pct(row.get('task_accuracy'))} | {loss} | {rise} | {versus_control(key, rows, base)} | {seconds} |"
         )
     table = "\n".join(lines)
     (study / "report.md").write_text(table + "\n")
