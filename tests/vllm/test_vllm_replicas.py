@@ -64,7 +64,7 @@ def unread_bytes(url: str) -> int:
     port = httpx.URL(url).port
     total = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state, queues = line.split()[1], line.split()[3], line.split()[4]
+        _, local, _, state, queues, *_ = line.split()
         if int(local.split(":")[1], 16) == port and state == "01":
             total += int(queues.split(":")[1], 16)
     return total
