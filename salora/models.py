@@ -10,6 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 
@@ -17,11 +22,13 @@ import torch
 from filelock import FileLock
 from peft import PeftModel
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from salora.atomic import atomic_dir
 from salora.errors import SaLoRAError
+from salora.precision import resolve_device, resolve_dtype
 
 # Loading a 135M model takes a second; its per-tensor progress bars would only bury our own output.
 hf_logging.disable_progress_bar()
@@ -37,6 +44,45 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def salora_home() -> Path:
     """Where derived artefacts (the dequantised embedded model) are cached."""
     return Path(os.environ.get("SALORA_HOME", Path.home() / ".cache" / "salora"))
+
+
+class _Preparing:
+    """Stage progress for the one-off preparation of the embedded model (tens of seconds, most of it
+    inside single library calls that print nothing): a tqdm bar on stderr whose elapsed time ticks
+    every second on a terminal, one line per stage otherwise (logs, CI)."""
+
+    def __init__(self, what: str, stages: int, intro: str) -> None:
+        self.what, self.total, self.done, self.started = what, stages, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        print(f"{what}: {intro}", file=sys.stderr, flush=True)
+        self.bar = tqdm(total=stages, desc=what, file=sys.stderr, bar_format="{desc} [{elapsed}]",
+                        disable=not self.tty)
+        self.stop = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, daemon=True)
+        if self.tty:
+            self.ticker.start()
+
+    def _tick(self) -> None:
+        while not self.stop.wait(1.0):
+            self.bar.refresh()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        line = f"{self.what}: {self.done + 1}/{self.total} {name}"
+        if self.tty:
+            self.bar.set_description_str(line)
+        else:
+            print(f"{line} ...", file=sys.stderr, flush=True)
+        yield
+        self.done += 1
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.bar.set_description_str(f"{self.what}: done", refresh=False)
+        self.bar.close()
+        if not self.tty:
+            print(f"{self.what}: done in {time.monotonic() - self.started:.0f} s", file=sys.stderr, flush=True)
 
 
 def gguf_dir() -> Path:
@@ -57,16 +103,23 @@ def embedded_base_dir() -> Path:
         if (out / "config.json").exists():
             return out
         src = gguf_dir()
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-        config = gguf_model.config
-        del config.quantization_config
-        config.name_or_path = BASE_ID
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        progress = _Preparing("preparing the embedded model", 4, f"first use, about 30 s: {GGUF_FILE} -> {out}")
+        try:
+            with progress.stage("reading and dequantising the GGUF weights"):
+                gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+            with progress.stage("building the tokenizer from the GGUF vocabulary"):
+                tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+            with progress.stage("building a plain float32 model"):
+                config = gguf_model.config
+                del config.quantization_config
+                config.name_or_path = BASE_ID
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                model.load_state_dict(gguf_model.state_dict())
+            with progress.stage("saving safetensors"), atomic_dir(out) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        finally:
+            progress.close()
     return out
 
 
@@ -90,12 +143,17 @@ def embedded_dir() -> Path:
     with FileLock(str(out) + ".lock"):
         if (out / "config.json").exists():
             return out
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        merged.config.name_or_path = EMBEDDED_ID
-        with atomic_dir(out) as tmp:
-            merged.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+        progress = _Preparing("aligning the embedded model", 2, f"first use, a few seconds: {adapter.name}/ merged -> {out}")
+        try:
+            with progress.stage("merging the shipped alignment delta"):
+                model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+                merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+                merged.config.name_or_path = EMBEDDED_ID
+            with progress.stage("saving safetensors"), atomic_dir(out) as tmp:
+                merged.save_pretrained(tmp)
+                AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+        finally:
+            progress.close()
     return out
 
 
@@ -111,13 +169,19 @@ def resolve_model_dir(spec: str | Path) -> Path:
     return path
 
 
-def load_model(spec: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM in float32 (exactness over speed: tests compare logits to 1e-5) and its tokenizer."""
+def load_model(
+    spec: str | Path, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer. The default is float32 on the CPU (exactness over speed:
+    tests compare logits to 1e-5; the gateway's local engine relies on it); `device=None`/`dtype=None`
+    pick CUDA with bfloat16 when present."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     path = resolve_model_dir(spec)
     try:
         AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None if device.type == "cpu" else {"": device})
     except (OSError, ValueError) as e:
         raise SaLoRAError(f"model {spec}: cannot load ({str(e).splitlines()[0]})") from e
     if tokenizer.pad_token_id is None:
@@ -152,5 +216,5 @@ def weight_hash(modules: dict[str, nn.Linear]) -> str:
     h = hashlib.sha256()
     for name in sorted(modules):
         h.update(name.encode())
-        h.update(modules[name].weight.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(modules[name].weight.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
