@@ -18,6 +18,7 @@ from gateway.admin.adapters.api_router import router as adapters_router
 from gateway.admin.tenants.api_router import router as tenants_router
 from gateway.body_limit import BodyLimit
 from gateway.context import Context
+from gateway.control_tokens import ContentGuard
 from gateway.db import close_db, open_db
 from gateway.engines.base import Engine, EngineError
 from gateway.engines.routing import engine_from_settings
@@ -30,7 +31,10 @@ from gateway.ops import router as ops_router
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 from gateway.tenants import TenantStore, hash_key
+from gateway.request_id import RequestId
+from salora.errors import SaLoRAError
 from salora.judge import Judge, KeywordJudge
+from salora.models import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,12 @@ async def _start_engine(ctx: Context) -> None:
     engine = ctx.engine
     log.info("loading %s on the %s engine", ctx.settings.model, engine.name)
     started = time.perf_counter()
+    try:
+        # Before the engine can be ready: no request may reach it with its content unguarded.
+        model_dir = await asyncio.to_thread(resolve_model_dir, ctx.settings.model)
+        ctx.content_guard = await asyncio.to_thread(ContentGuard.for_model, model_dir)
+    except (SaLoRAError, OSError) as e:
+        log.error("cannot read the tokenizer of %s: %s", ctx.settings.model, e)
     try:
         await engine.start()
     except EngineError as e:
@@ -92,6 +102,7 @@ def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
     # The chat route is outermost: it counts its own body, so the hot path skips BodyLimit.
     app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes, exempt={("POST", UPLOAD_PATH)})
     app.add_middleware(ChatCompletionsRoute)
+    app.add_middleware(RequestId)
     for router in (models_router, tenants_router, adapters_router, ops_router):
         app.include_router(router)
     install_openapi(app)

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from gateway.adapters.lifecycle import Lifecycle
+from gateway.control_tokens import ContentGuard
 from gateway.engines.base import Engine
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
@@ -33,6 +34,8 @@ class Context:
     lifecycle: Lifecycle  # uploads, canary, promotion and retirement of adapters
     tasks: set[asyncio.Task] = field(default_factory=set)  # detached work (judging), kept alive until done
     streams: StreamSlots = field(default_factory=StreamSlots)  # open streamed answers per tenant
+    # special-token spellings made plain text in message content; read from the model at start
+    content_guard: ContentGuard = field(default_factory=lambda: ContentGuard(frozenset()))
 
     def served_adapters(self) -> frozenset[str]:
         """The adapters clients may call: loaded, and not held back by the lifecycle (a candidate

@@ -13,6 +13,8 @@ from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from gateway.ratelimit import Limited
+
 
 class ErrorDetail(BaseModel):
     message: str
@@ -71,9 +73,14 @@ def too_large(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
 
 
-def rate_limited(kind: str, retry_after: int) -> APIError:
-    return APIError(429, f"Rate limit reached for {kind} per minute. Try again in {retry_after}s.", type=kind,
-                    code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
+def rate_limited(limited: Limited) -> APIError:
+    kind = limited.kind
+    if limited.too_large:
+        message = (f"Request too large for {kind} per minute: limit {limited.limit}, requested {limited.requested} "
+                   "(the prompt's upper bound plus max_tokens). Lower max_tokens or shorten the prompt.")
+        return APIError(429, message, type=kind, code="rate_limit_exceeded")
+    return APIError(429, f"Rate limit reached for {kind} per minute. Try again in {limited.retry_after}s.", type=kind,
+                    code="rate_limit_exceeded", headers={"Retry-After": str(limited.retry_after)})
 
 
 def too_many_streams(limit: int) -> APIError:

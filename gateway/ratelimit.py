@@ -1,57 +1,148 @@
-"""Per-tenant requests-per-minute and tokens-per-minute limits, in memory (one gateway replica).
+"""Per-tenant requests-per-minute and tokens-per-minute limits, exact over any window.
 
-Each limit is a token bucket holding at most one window's allowance and refilling continuously, so
-a tenant may burst up to its limit and then proceeds at the limit's rate. Requests are charged on
-admission; tokens are charged when the answer is done (their number is not known before), so the
-token bucket may go negative and then blocks the tenant until it has refilled."""
+Each limit keeps a log of what was admitted in the last `window_s` seconds (a sliding window, not a
+refilling bucket: a bucket lets a tenant take twice its limit within one window, full bucket then
+refill). Tokens are *reserved* at admission, the prompt's upper bound plus `max_tokens`, because the
+answer's length is not known before it is generated and charging afterwards lets concurrent requests
+overshoot; when the answer is done the reservation is settled to what was actually counted and the
+rest refunded. So the tokens a tenant is served by requests admitted in any window never exceed its
+tpm, whatever the concurrency.
+
+Logs are keyed by tenant name only: deleting and re-creating a tenant, or changing its limits, keeps
+what it already used in the window (a fresh log would be a fresh allowance)."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.tenants import Tenant
 
 
-@dataclass(slots=True)
-class _Bucket:
-    capacity: float
-    level: float
-    updated: float
+@dataclass(slots=True, eq=False)
+class _Entry:
+    at: float
+    amount: float
 
-    def refill(self, now: float, rate: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * rate)
-        self.updated = now
+
+@dataclass(slots=True)
+class _Log:
+    """What was admitted in the window, oldest first, and its running total."""
+
+    entries: deque[_Entry] = field(default_factory=deque)
+    total: float = 0.0
+    horizon: float = -math.inf  # entries at or before this time have left the log
+
+    def expire(self, since: float) -> None:
+        self.horizon = max(self.horizon, since)
+        while self.entries and self.entries[0].at <= since:
+            self.total -= self.entries.popleft().amount
+        if not self.entries:
+            self.total = 0.0  # no float drift survives an empty window
+
+    def wait(self, need: float, limit: float, now: float, window: float) -> float:
+        """Seconds until `need` more fits under `limit`."""
+        excess = self.total + need - limit
+        for entry in self.entries:
+            excess -= entry.amount
+            if excess <= 0:
+                return entry.at + window - now
+        return window
+
+
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """Why a request was not admitted: which limit, when to retry, and whether it ever can be."""
+
+    kind: str  # "requests" or "tokens"
+    retry_after: int  # whole seconds
+    limit: int
+    requested: int = 1
+    too_large: bool = False  # the request alone needs more than the limit: retrying cannot help
+
+
+@dataclass(slots=True)
+class Reservation:
+    """An admitted request's charge; `settle` replaces its token estimate by the real count once."""
+
+    limiter: RateLimiter
+    tenant: str
+    tokens: _Entry | None
+    settled: bool = False
+
+    def settle(self, tokens: int) -> None:
+        if self.settled or self.tokens is None:
+            return
+        self.settled = True
+        log = self.limiter._logs.get((self.tenant, "tokens"))
+        if log is not None and self.tokens.at > log.horizon:  # still counted in the window
+            log.total += tokens - self.tokens.amount
+        self.tokens.amount = tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """What a tenant has left, for the `x-ratelimit-*` headers."""
+
+    kind: str
+    limit: int
+    remaining: int
+    reset_s: float  # until the whole limit is available again
 
 
 class RateLimiter:
     def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._window = window_s
         self._clock = clock
-        self._buckets: dict[tuple[str, str, int], _Bucket] = {}
+        self._logs: dict[tuple[str, str], _Log] = {}
 
-    def _bucket(self, tenant: Tenant, kind: str, limit: int) -> _Bucket:
-        key = (tenant.name, kind, limit)  # a changed limit starts a fresh bucket
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket(limit, limit, self._clock())
+    @property
+    def window_s(self) -> float:
+        return self._window
+
+    def _log(self, tenant: str, kind: str, now: float) -> _Log:
+        log = self._logs.get((tenant, kind))
+        if log is None:
+            log = self._logs[(tenant, kind)] = _Log()
         else:
-            bucket.refill(self._clock(), limit / self._window)
-        return bucket
+            log.expire(now - self._window)
+        return log
 
-    def admit(self, tenant: Tenant) -> tuple[str, int] | None:
-        """None if the request may proceed (and is charged), else (which limit, seconds to wait)."""
-        for kind, limit in (("tokens", tenant.tpm), ("requests", tenant.rpm)):
-            if limit is not None:
-                bucket = self._bucket(tenant, kind, limit)
-                if bucket.level < 1:
-                    return kind, max(1, math.ceil((1 - bucket.level) * self._window / limit))
-        if tenant.rpm is not None:
-            self._bucket(tenant, "requests", tenant.rpm).level -= 1
-        return None
+    def admit(self, tenant: Tenant, tokens: int = 0) -> Reservation | Limited:
+        """Admit and charge one request reserving `tokens` (prompt bound + max_tokens), or say which
+        limit stops it. Nothing is charged unless every limit admits the request."""
+        now = self._clock()
+        checks = [("requests", tenant.rpm, 1), ("tokens", tenant.tpm, tokens)]
+        logs = []
+        for kind, limit, need in checks:
+            if limit is None:
+                continue
+            if need > limit:
+                return Limited(kind, math.ceil(self._window), limit, need, too_large=True)
+            log = self._log(tenant.name, kind, now)
+            if log.total + need > limit:
+                wait = log.wait(need, limit, now, self._window)
+                return Limited(kind, max(1, math.ceil(wait)), limit, need)
+            logs.append((kind, log, need))
+        reserved = None
+        for kind, log, need in logs:
+            entry = _Entry(now, need)
+            log.entries.append(entry)
+            log.total += need
+            if kind == "tokens":
+                reserved = entry
+        return Reservation(self, tenant.name, reserved)
 
-    def charge_tokens(self, tenant: Tenant, tokens: int) -> None:
-        if tenant.tpm is not None:
-            self._bucket(tenant, "tokens", tenant.tpm).level -= tokens
+    def headroom(self, tenant: Tenant) -> list[Headroom]:
+        """Each limit the tenant has, with what is left of it now."""
+        now, out = self._clock(), []
+        for kind, limit in (("requests", tenant.rpm), ("tokens", tenant.tpm)):
+            if limit is None:
+                continue
+            log = self._log(tenant.name, kind, now)
+            reset = log.entries[-1].at + self._window - now if log.entries else 0.0
+            out.append(Headroom(kind, limit, max(0, math.floor(limit - log.total)), max(0.0, reset)))
+        return out

@@ -1,8 +1,9 @@
 """Checking an unpacked upload against the served base before anything loads it.
 
 An adapter is accepted only as a plain PEFT LoRA in safetensors (a pickle file is never opened),
-with a config every engine can batch with other adapters, tensors whose names and shapes fit the
-base's linear layers, a rank within the engine's limit, and finite weights. A `salora train`
+with a config that parses into the canonical allow-list (gateway/adapters/canonical.py), tensors
+whose names and shapes fit the base's decoder-layer linear layers at the config's rank, and finite
+weights. What is stored and served is a config and a weights file the gateway wrote itself. A `salora train`
 checkpoint is first exported to that form (`salora.export.export`). The safetensors header is parsed
 and bounds-checked by hand before the library reads a single tensor."""
 
@@ -12,16 +13,15 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from gateway.adapters.canonical import AdapterConfig, refused
 from gateway.adapters.errors import AdapterRejected
 from salora.errors import SaLoRAError
 from salora.export import PEFT_CONFIG, PEFT_WEIGHTS, export
@@ -31,17 +31,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 16 << 20
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
-# adapter_config.json keys that do not change what the adapter computes at inference (or that are
-# checked below). Any other key must be absent or false-like: DoRA, trainable tokens, modules to save,
-# LoRA biases, layer replication and the like cannot share a batch with other adapters.
-KNOWN_KEYS = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
-    "bias", "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-    "alpha_pattern", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
-    "megatron_core", "qalora_group_size",  # defaults PEFT always writes; they act only with megatron_config / use_qalora
-}
 
 
 @dataclass(frozen=True)
@@ -104,43 +95,14 @@ def _export_checkpoint(root: Path, out: Path) -> Path:
     return out
 
 
-def _read_config(path: Path, max_rank: int) -> dict[str, Any]:
+def _read_config(path: Path, max_rank: int) -> AdapterConfig:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise _reject(f"{PEFT_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         config = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
         raise _reject(f"{PEFT_CONFIG} is not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise _reject(f"{PEFT_CONFIG} must hold a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise _reject(f"peft_type {config.get('peft_type')!r}: only LORA adapters are served", code="unsupported_adapter")
-    unsupported = sorted(k for k, v in config.items() if k not in KNOWN_KEYS and v not in (None, False, [], {}, ""))
-    if unsupported:
-        raise _reject(f"{PEFT_CONFIG} sets {', '.join(unsupported)}: only plain LoRA can share a batch with other "
-                      "adapters", code="unsupported_adapter")
-    if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
-        raise _reject(f"{PEFT_CONFIG}: bias must be \"none\" and fan_in_fan_out false", code="unsupported_adapter")
-    r, pattern = config.get("r"), config.get("rank_pattern") or {}
-    if not isinstance(pattern, dict):
-        raise _reject(f"{PEFT_CONFIG}: rank_pattern must map module names to ranks")
-    ranks = [r, *pattern.values()]
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in ranks):
-        raise _reject(f"{PEFT_CONFIG}: r (and rank_pattern) must be positive integers")
-    if max(ranks) > max_rank:
-        raise _reject(f"rank {max(ranks)} is larger than this engine's limit of {max_rank}", code="rank_too_large")
-    alpha = config.get("lora_alpha")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise _reject(f"{PEFT_CONFIG}: lora_alpha must be a finite number")
-    targets = config.get("target_modules")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
-        raise _reject(f"{PEFT_CONFIG}: target_modules must be a module name list or a pattern")
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise _reject(f"{PEFT_CONFIG}: target_modules {targets!r} is not a valid pattern ({e})") from e
-    return config
+    return AdapterConfig.parse(config, max_rank)
 
 
 def _read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -189,16 +151,20 @@ def _read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     return tensors
 
 
-def _targets_match(module: str, targets: str | list[str]) -> bool:
-    """PEFT's rule: a list names the last part(s) of module paths; a string is a full-match pattern."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
+def _targets_match(module: str, targets: tuple[str, ...]) -> bool:
+    """PEFT's rule for a list: each entry names the last part(s) of module paths."""
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
-def _check_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict[str, Any], base: BaseModelInfo) -> int:
-    """Every tensor is a lora_A/lora_B pair of a base linear layer the config targets, with fitting
-    shapes; returns the number of layers."""
+def _servable(module: str) -> bool:
+    """A linear layer inside a decoder layer: the embeddings and the output head are shared by every
+    tenant and never adapted."""
+    return DECODER_LAYER.search(module) is not None
+
+
+def _check_tensors(tensors: dict[str, tuple[str, list[int]]], config: AdapterConfig, base: BaseModelInfo) -> int:
+    """Every tensor is a lora_A/lora_B pair of a base decoder-layer linear layer the config targets,
+    with fitting shapes and the config's rank; returns the number of layers."""
     if not tensors:
         raise _reject(f"{PEFT_WEIGHTS} holds no tensors", code="bad_weights")
     modules: dict[str, dict[str, list[int]]] = {}
@@ -208,37 +174,43 @@ def _check_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict[str, 
             raise _reject(f"unexpected tensor {name!r}: only lora_A and lora_B weights of a plain LoRA are served",
                           code="unsupported_adapter")
         modules.setdefault(m["module"], {})[m["factor"]] = shape
-    targets = config["target_modules"]
-    wanted = targets if isinstance(targets, list) else []
-    for target in wanted:
-        if not any(_targets_match(module, [target]) for module in base.linear):
-            raise _reject(f"target module {target!r} is not a linear layer of the base {base.model_id}",
-                          code="wrong_base")
-    uniform = not config.get("rank_pattern")
+    servable = [module for module in base.linear if _servable(module)]
+    for target in config.target_modules:
+        if not any(_targets_match(module, (target,)) for module in servable):
+            raise refused("target_modules", f"{target!r} is not a linear layer of the decoder layers of the base "
+                          f"{base.model_id}", code="wrong_base")
     for module, factors in sorted(modules.items()):
         if set(factors) != {"A", "B"}:
             raise _reject(f"layer {module}: lora_A and lora_B must come together", code="bad_weights")
         if module not in base.linear:
             raise _reject(f"layer {module} does not exist in the base {base.model_id}: the adapter was made for "
                           "another model", code="wrong_base")
-        if not _targets_match(module, targets):
-            raise _reject(f"layer {module} has weights but is not among target_modules {targets}", code="bad_weights")
+        if not _servable(module):
+            raise _reject(f"layer {module} is shared by every tenant and is never adapted; only the linear layers "
+                          "of the decoder layers are", code="unsupported_adapter")
+        if not _targets_match(module, config.target_modules):
+            raise _reject(f"layer {module} has weights but is not among target_modules {list(config.target_modules)}",
+                          code="bad_weights")
         out_features, in_features = base.linear[module]
         a, b = factors["A"], factors["B"]
         if len(a) != 2 or len(b) != 2 or a[1] != in_features or b[0] != out_features or a[0] != b[1]:
             raise _reject(f"layer {module}: lora_A {a} and lora_B {b} do not fit the base layer "
                           f"({out_features} x {in_features}) of {base.model_id}: the adapter was made for another "
                           "model", code="wrong_base")
-        if uniform and a[0] != config["r"]:
-            raise _reject(f"layer {module}: rank {a[0]} differs from r = {config['r']} in {PEFT_CONFIG}",
+        if a[0] != config.r:
+            raise _reject(f"layer {module}: rank {a[0]} differs from r = {config.r} in {PEFT_CONFIG}",
                           code="bad_weights")
     return len(modules)
 
 
-def _check_finite(path: Path) -> None:
-    for name, tensor in load_file(str(path)).items():
+def _canonical_weights(source: Path, target: Path) -> None:
+    """Check every tensor is finite, then write them afresh (no metadata, no other tensor): the engines
+    load only files the gateway wrote."""
+    tensors = load_file(str(source))
+    for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise _reject(f"tensor {name} holds NaN or infinite values", code="non_finite_weights")
+    save_file(tensors, str(target))
 
 
 def _sha256(paths: list[Path]) -> str:
@@ -271,16 +243,12 @@ def validate(root: Path, work: Path, base: BaseModelInfo, max_rank: int) -> tupl
     config = _read_config(config_path, max_rank)
     tensors = _read_header(weights_path)
     modules = _check_tensors(tensors, config, base)
-    _check_finite(weights_path)
     out = work / "adapter"
     out.mkdir()
     files = [out / PEFT_CONFIG, out / PEFT_WEIGHTS]
-    for source_path, target in zip((config_path, weights_path), files):
-        shutil.copyfile(source_path, target)
-    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
-    targets = config["target_modules"]
+    _canonical_weights(weights_path, files[1])
+    files[0].write_text(json.dumps(config.to_json(base.model_id), indent=2) + "\n")
     return AdapterInfo(
-        sha256=_sha256(files), source=source, rank=max(ranks),
-        target_modules=sorted(targets) if isinstance(targets, list) else [targets], modules=modules,
-        size_bytes=sum(p.stat().st_size for p in files),
+        sha256=_sha256(files), source=source, rank=config.r, target_modules=list(config.target_modules),
+        modules=modules, size_bytes=sum(p.stat().st_size for p in files),
     ), out

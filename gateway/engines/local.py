@@ -8,6 +8,11 @@ different adapters share each forward pass. Streaming and non-streaming callers 
 chunks, so their greedy answers are identical by construction. A generation that fails ends every row
 of its batch with an EngineError; one that hangs ends its caller's wait at `timeouts` (the worker drops
 the row when it gets going again).
+
+Tenants share one process, so nothing one request or adapter does may reach another: a row whose
+scores go non-finite ends alone (its batch mates go on), and every adapter load is followed by a
+check that the shared base weights are bit for bit what they were (`_BaseSeal`); an adapter whose
+load touched them fails closed instead of serving changed answers to every tenant.
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ class _Row:
             self.cancelled = True
 
 
+class _BaseChanged(Exception):
+    """An adapter load changed the shared base weights: the worker fails every row and stops."""
+
+
 @dataclass(eq=False)
 class _Batch:
     rows: list[_Row]
@@ -83,6 +92,33 @@ class _Op:
 def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
     """Pad the sequence dimension (-2 of a KV tensor) on the left with n zeros."""
     return F.pad(x, (0, 0, n, 0)) if n else x
+
+
+class _BaseSeal:
+    """A checksum of every base weight, by its name without PEFT's wrapping, to prove after each
+    adapter load that the shared base is unchanged. The integer sum of each tensor's bit pattern and
+    its storage address catch a rewrite in place, a swapped tensor and a replaced layer alike, at
+    about one memory pass over the weights (an admin action, never the request path)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._seal = self._read(model)
+
+    @staticmethod
+    def _read(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+        seal = {}
+        for name, tensor in model.state_dict().items():
+            if "lora_" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            flat = tensor.detach().reshape(-1)
+            bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
+            seal[name] = (flat.data_ptr(), int(flat.view(bits).sum(dtype=torch.int64)))
+        return seal
+
+    def broken(self, model: torch.nn.Module) -> list[str]:
+        """The base weights that differ from the seal (none: the base is intact)."""
+        now = self._read(model)
+        return sorted(n for n in self._seal.keys() | now.keys() if self._seal.get(n) != now.get(n))
 
 
 def _held_back(text: str, sent: int, stops: tuple[str, ...]) -> int:
@@ -125,6 +161,7 @@ class LocalEngine:
         self._model: PreTrainedModel | PeftModel
         self._tokenizer: PreTrainedTokenizerBase
         self._eos: frozenset[int] = frozenset()
+        self._seal: _BaseSeal | None = None
 
     @property
     def ready(self) -> bool:
@@ -197,6 +234,7 @@ class LocalEngine:
         eos_ids = eos if isinstance(eos, list) else [eos]
         self._eos = frozenset(i for i in [*eos_ids, self._tokenizer.eos_token_id] if i is not None)
         self._max_len = min(self._max_len, getattr(self._model.config, "max_position_embeddings", self._max_len))
+        self._seal = _BaseSeal(self._model)
         for name, path in self._initial_adapters.items():
             self._load_adapter(name, Path(path))
 
@@ -209,6 +247,12 @@ class LocalEngine:
             self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=_peft_name(name))
         self._model.eval()
         self._adapters = self._adapters | {name}
+        assert self._seal is not None
+        changed = self._seal.broken(self._model)
+        if changed:  # the base every tenant shares is no longer the one served: stop serving from it
+            self.error = (f"loading adapter {name!r} changed {len(changed)} base weights (e.g. {changed[0]}); "
+                          "the engine stopped serving: restart the gateway")
+            raise _BaseChanged(self.error)
 
     def _unload_adapter(self, name: str) -> None:
         if name not in self._adapters:
@@ -233,7 +277,10 @@ class LocalEngine:
                     self._fail([*(batch.rows if batch else []), *rows, *self._drain()], EngineError("the engine shut down"))
                     return
                 if isinstance(item, _Op):
-                    self._run_op(item, batch)
+                    if not self._run_op(item, batch):
+                        error = EngineError(self.error or "the engine stopped", kind="base_changed")
+                        self._fail([*(batch.rows if batch else []), *rows, *self._drain()], error)
+                        return
                 else:
                     rows.append(item)
             try:
@@ -264,16 +311,21 @@ class LocalEngine:
                 row.done = True
                 row.send(error)
 
-    def _run_op(self, op: _Op, batch: _Batch | None) -> None:
+    def _run_op(self, op: _Op, batch: _Batch | None) -> bool:
+        """Run an adapter operation between steps; False when the engine must stop (the base changed)."""
         try:
             op.fn()
+        except _BaseChanged as e:
+            op.future.set_exception(EngineError(str(e), kind="base_changed"))
+            return False
         except Exception as e:
             op.future.set_exception(e)
-            return
+            return True
         op.future.set_result(None)
         if batch is not None:  # rows on an adapter that was just unloaded cannot continue
             orphans = [r for r in batch.rows if r.request.adapter not in (None, *self._adapters)]
             self._fail(orphans, EngineError("the adapter was unloaded during generation"))
+        return True
 
     def _prepare(self, row: _Row) -> bool:
         """Tokenise and check a new row; a row that cannot run gets its error here."""
@@ -320,8 +372,7 @@ class LocalEngine:
             mask[i, width - len(r.prompt):] = 1
         cache = DynamicCache()
         logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, rows)
-        for row, token in zip(rows, self._pick(logits, rows)):
-            self._advance(row, token)
+        self._advance_all(rows, logits)
         new = _Batch(rows, cache, mask)
         return new if batch is None else self._merge(batch, new)
 
@@ -367,8 +418,7 @@ class LocalEngine:
         ids = torch.tensor([[r.tokens[-1]] for r in rows])
         positions = torch.tensor([[len(r.prompt) + len(r.tokens) - 1] for r in rows])
         logits = self._forward(ids, pruned.mask, positions, pruned.cache, rows)
-        for row, token in zip(rows, self._pick(logits, rows)):
-            self._advance(row, token)
+        self._advance_all(rows, logits)
         return pruned
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -378,15 +428,28 @@ class LocalEngine:
                           use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :].float()
 
+    def _advance_all(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick and append each row's next token. A row whose scores are not finite (an adapter's
+        weights overflowing, say) ends alone with an error; the other rows of the batch go on."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        for row, ok, token in zip(rows, finite, self._pick(logits, rows, finite)):
+            if ok:
+                self._advance(row, token)
+            else:
+                row.done = True
+                row.send(EngineError("the model's scores for this request were not finite numbers; nothing was "
+                                     "generated past that point", kind="numerical"))
+
     @staticmethod
-    def _pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _pick(logits: torch.Tensor, rows: list[_Row], finite: list[bool]) -> list[int]:
         """Next token per row: greedy at temperature 0, else temperature + nucleus sampling from the
-        row's own seeded generator (so a seed reproduces regardless of who shares the batch)."""
+        row's own seeded generator (so a seed reproduces regardless of who shares the batch). Rows
+        with non-finite scores get a placeholder the caller discards."""
         greedy = logits.argmax(-1).tolist()
         picks = []
         for i, row in enumerate(rows):
             request = row.request
-            if request.temperature == 0:
+            if request.temperature == 0 or not finite[i]:
                 picks.append(greedy[i])
                 continue
             probs = torch.softmax(logits[i] / request.temperature, dim=-1)

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.openai.chat_completion.serving import prompt_token_bound
 from tests.gateway.conftest import gateway_settings
 
 PROMPT = "Hello there"
@@ -91,14 +92,27 @@ def test_rate_limit_429_then_recovery(gw, keys):
     assert gw.chat(keys["metered"], "tiny", PROMPT, max_tokens=2).choices[0].message.content is not None
 
 
-def test_tokens_per_minute_limit(gw):
-    created = gw.admin("POST", "/admin/tenants", json={"name": "tpm-limited", "tpm": 40})
+def test_tokens_per_minute_limit_reserves_then_settles(gw):
+    """tpm reserves the prompt's upper bound plus max_tokens at admission: a request that could never
+    fit is refused at once, one that fits leaves exactly its real usage charged, and the next is
+    refused until the window has room."""
+    created = gw.admin("POST", "/admin/tenants", json={"name": "tpm-limited", "tpm": 200})
     key = created.json()["key"]
-    first = gw.chat(key, "tiny", PROMPT, max_tokens=16)  # ~35 prompt + 16 completion tokens: over 40
-    assert first.usage.total_tokens > 40
     with pytest.raises(openai.RateLimitError) as e:
-        gw.chat(key, "tiny", PROMPT, max_tokens=1)
+        gw.chat(key, "tiny", PROMPT, max_tokens=190)  # 190 + the prompt's bound > 200
+    assert e.value.type == "tokens" and "Request too large" in e.value.message and "retry-after" not in e.value.response.headers
+    first = gw.client(key).chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0)
+    usage = first.parse().usage
+    assert first.headers["x-ratelimit-limit-tokens"] == "200"
+    time.sleep(0.2)  # the charge is settled after the last byte
+    left = gw.ctx.limiter.headroom(gw.ctx.tenants.get("tpm-limited"))[0]
+    assert (left.kind, left.remaining) == ("tokens", 200 - usage.total_tokens)  # settled to the real count
+    with pytest.raises(openai.RateLimitError) as e:
+        bound = prompt_token_bound([{"role": "user", "content": PROMPT}])
+        gw.chat(key, "tiny", PROMPT, max_tokens=200 - bound)  # fits an empty window, not what is left of this one
     assert e.value.type == "tokens" and int(e.value.response.headers["retry-after"]) >= 1
+    assert e.value.response.headers["x-ratelimit-remaining-tokens"] == str(200 - usage.total_tokens)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ MAX_FIELDS = 64
 
 
 def api_error(e: AdapterRejected) -> APIError:
-    return APIError(e.status, str(e), code=e.code)
+    return APIError(e.status, str(e), code=e.code, param=e.param)
 
 
 async def _capped(stream: AsyncGenerator[bytes, None], limit: int) -> AsyncGenerator[bytes, None]:

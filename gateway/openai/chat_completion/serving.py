@@ -38,10 +38,24 @@ from gateway.errors import (
 )
 from gateway.metrics import OTHER
 from gateway.openai.chat_completion.protocol import ChatCompletionRequest
+from gateway.ratelimit import Limited, Reservation
 from gateway.tenants import Tenant
 from salora.chat import prompt_text
 
 log = logging.getLogger(__name__)
+
+
+# A temperature this small is greedy decoding: dividing scores by 1e-40 gives infinities, and the
+# NaN they turn into would end the request (every engine treats it the same way through this floor).
+MIN_TEMPERATURE = 1e-3
+# The tokens a prompt is reserved under tpm before it is tokenized: a byte-level tokenizer spends at
+# least one byte per token, and the chat template adds a few tokens per message and a default system
+# prompt. The reservation is settled to the engine's exact count when the answer is done.
+TEMPLATE_TOKENS_PER_MESSAGE, TEMPLATE_TOKENS = 16, 64
+
+
+def prompt_token_bound(messages: list[dict[str, str]]) -> int:
+    return TEMPLATE_TOKENS + sum(len(m["content"].encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
 
 
 def _nothing() -> None:
@@ -61,6 +75,7 @@ class _Answer:
     model: str
     prompt: str
     started: float
+    reservation: Reservation
     ttft: float = 0.0
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -94,7 +109,8 @@ class _Answer:
         m.ttft.labels(model).observe(self.ttft)
         m.tokens.labels(tenant, model, "prompt").inc(self.prompt_tokens)
         m.tokens.labels(tenant, model, "completion").inc(self.completion_tokens)
-        self.ctx.limiter.charge_tokens(self.tenant, self.prompt_tokens + self.completion_tokens)
+        if self.status == "200":  # exact counts; a failed or abandoned answer keeps its whole reservation
+            self.reservation.settle(self.prompt_tokens + self.completion_tokens)
         if self.status == "200":
             if getattr(self.ctx.judge, "blocking", True):
                 self.ctx.spawn(self._judge())
@@ -173,16 +189,21 @@ class ChatServing:
             adapter_label = body.model
             release = self._stream_slot(tenant) if body.stream else _nothing
             try:
-                limited = ctx.limiter.admit(tenant)
-                if limited is not None:
-                    raise rate_limited(*limited)
+                admitted = ctx.limiter.admit(tenant, prompt_token_bound(generation.messages) + generation.max_tokens)
+                headers = self._limit_headers(tenant)
+                if isinstance(admitted, Limited):
+                    error = rate_limited(admitted)
+                    error.headers = {**(error.headers or {}), **headers}
+                    raise error
                 stream = ctx.engine.generate(generation)
                 try:
                     first = await anext(stream)
                 except EngineError as e:
+                    admitted.settle(0)  # nothing was generated
                     ctx.metrics.engine_errors.labels(ctx.engine.name, e.kind).inc()
                     raise unavailable(str(e)) from None
                 except RequestRejected as e:
+                    admitted.settle(0)
                     raise bad_request(str(e), param=e.param, code=e.code) from None
             except BaseException:
                 release()
@@ -190,13 +211,24 @@ class ChatServing:
         except APIError as e:
             ctx.metrics.requests.labels(tenant_label, adapter_label, str(e.status)).inc()
             raise
-        answer = _Answer(ctx, tenant, body.model, prompt_text(generation.messages), started,
+        answer = _Answer(ctx, tenant, body.model, prompt_text(generation.messages), started, admitted,
                          ttft=time.perf_counter() - started)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EventStream(self._events(answer, first, stream, include_usage), release,
+            return _EventStream(self._events(answer, first, stream, include_usage), release, headers=headers,
                                 media_type="text/event-stream", background=BackgroundTask(answer.record))
-        return await self._complete(request, answer, first, stream)
+        return await self._complete(request, answer, first, stream, headers)
+
+    def _limit_headers(self, tenant: Tenant) -> dict[str, str]:
+        """OpenAI's `x-ratelimit-*` headers for a tenant with limits (none for one without)."""
+        if tenant.rpm is None and tenant.tpm is None:
+            return {}
+        headers = {}
+        for room in self.ctx.limiter.headroom(tenant):
+            headers[f"x-ratelimit-limit-{room.kind}"] = str(room.limit)
+            headers[f"x-ratelimit-remaining-{room.kind}"] = str(room.remaining)
+            headers[f"x-ratelimit-reset-{room.kind}"] = f"{room.reset_s:.3f}s"
+        return headers
 
     def _stream_slot(self, tenant: Tenant) -> Callable[[], None]:
         limit = self.ctx.settings.limits.max_concurrent_streams
@@ -221,18 +253,20 @@ class ChatServing:
         if max_tokens > limits.max_tokens:
             raise bad_request(f"{param} is {max_tokens}; this gateway allows at most {limits.max_tokens}.",
                               param=param, code="max_tokens_exceeded")
+        temperature = 1.0 if body.temperature is None else body.temperature
         return GenerationRequest(
-            messages=[m.as_dict() for m in body.messages],
+            messages=self.ctx.content_guard.messages([m.as_dict() for m in body.messages]),
             adapter=adapter,
             max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
+            temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             stop=tuple(body.stop),
             seed=body.seed,
             stream=bool(body.stream),
         )
 
-    async def _complete(self, request: Request, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk]) -> Response:
+    async def _complete(self, request: Request, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
+                        headers: dict[str, str]) -> Response:
         """Collect the whole answer, unless the client leaves first: then stop generating."""
 
         async def collect() -> None:
@@ -263,7 +297,7 @@ class ChatServing:
                          "logprobs": None, "finish_reason": answer.finish_reason}],
             "usage": answer.usage,
         }
-        return JSONResponse(body, background=BackgroundTask(answer.record))
+        return JSONResponse(body, headers=headers, background=BackgroundTask(answer.record))
 
     async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
                       include_usage: bool) -> AsyncIterator[str]:

@@ -1,0 +1,37 @@
+"""`x-request-id` on every answer, as OpenAI sends it: a client's own id is kept (if it is a sane
+token), otherwise one is made. It is put in the ASGI scope's state, so handlers can log it."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HEADER = b"x-request-id"
+CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")  # anything else (control characters, huge) is replaced
+
+
+def request_id(scope: Scope) -> str:
+    """The id of the request `scope` belongs to (set by RequestId)."""
+    return scope.get("state", {}).get("request_id", "")
+
+
+class RequestId:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == HEADER), b"")
+        rid = given if CLIENT_ID.match(given) else f"req_{uuid.uuid4().hex}".encode()
+        scope.setdefault("state", {})["request_id"] = rid.decode()
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (HEADER, rid)]
+            await send(message)
+
+        await self.app(scope, receive, tagged)
