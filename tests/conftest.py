@@ -69,3 +69,24 @@ def chat_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "task": write_jsonl(root / "task.jsonl", task),
         "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in harmful[:4]]),
     }
+
+
+# `make test` runs the suite on pytest-xdist workers with `--dist loadgroup`: each group below runs
+# on one worker, one test after another. Every worker has its own session, so a session fixture that
+# starts a real server would start one per worker.
+XDIST_GROUPS = {
+    # a real vLLM server (about 5 GiB, most of a core) and a SaLoRA adapter trained on the embedded model
+    "vllm-server": ("tests/vllm/test_vllm_server.py", "tests/vllm/test_vllm_replicas.py"),
+    # processes killed, stopped and timed: kept from racing each other for the two cores
+    "reliability-timing": ("tests/reliability/test_shutdown.py", "tests/reliability/test_engine_failure.py",
+                           "tests/reliability/test_durability.py"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        for group, files in XDIST_GROUPS.items():
+            if path in files:
+                item.add_marker(pytest.mark.xdist_group(group))
