@@ -39,7 +39,8 @@ from salora.judge import KeywordJudge
 from salora.models import EMBEDDED, EMBEDDED_UNALIGNED, load_model
 from salora.tasks import arithmetic
 from salora.train import TrainOptions, train
-from salora.tuner.config import ALL_LINEAR, PAPER_TARGETS
+from salora.presets import PRESETS
+from salora.tuner.config import ALL_LINEAR
 
 ROOT = Path(__file__).resolve().parents[1]
 ADVBENCH = ROOT.parent / "shared" / "data" / "advbench_dev.csv"
@@ -54,17 +55,20 @@ FILLERS = (
 )
 
 
+PAPER = PRESETS["paper"]  # the one definition of the paper's recipe, shared with `--preset paper`
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One fine-tuning method of the study."""
+    """One fine-tuning method of the study: the paper's recipe unless a field says otherwise."""
 
     method: str  # lora | salora
-    init: str = "task"  # task | task-scaled | zero (salora only)
-    projection: str = "output"  # output | input | both | none
-    targets: tuple[str, ...] = tuple(PAPER_TARGETS)
-    rank_safety: int = 32
+    init: str = PAPER["train"]["init"]  # task | task-scaled | zero (salora only)
+    projection: str = PAPER["train"]["projection"]  # output | input | both | none
+    targets: tuple[str, ...] = tuple(PAPER["calibrate"]["target_modules"])
+    rank_safety: int = PAPER["calibrate"]["rank_safety"]
     contrastive: bool = False
-    input_energy: float | None = None
+    input_energy: float | None = PAPER["calibrate"]["input_energy"]
 
 
 ALL = tuple(ALL_LINEAR)
@@ -171,7 +175,7 @@ def safety_dir(study: Path, variant: Variant) -> Path:
             write_jsonl(({"messages": m} for m in safety_messages("train")), data)
             write_jsonl(({"prompt": b.prompt} for b in benign_prompts("train")), benign)
             calibrate(
-                EMBEDDED, data, out, list(variant.targets), variant.rank_safety, max_samples=128, generate_responses=True,
+                EMBEDDED, data, out, list(variant.targets), variant.rank_safety, max_samples=PAPER["calibrate"]["max_samples"], generate_responses=True,
                 contrast_data=benign if variant.contrastive else None, input_energy=variant.input_energy,
             )
     return out
@@ -203,7 +207,7 @@ def train_and_evaluate(study: Path, name: str, setting: Setting, seed: int, n_ta
         summary = train(TrainOptions(
             model=EMBEDDED, data=str(data), out=f"{tmp}/ckpt", safety=safety, method=variant.method, rank=setting.rank,
             lr=setting.lr, max_steps=setting.steps, batch_size=setting.batch_size, seed=seed, target_modules=list(variant.targets),
-            init=variant.init, projection=variant.projection,
+            init=variant.init, projection=variant.projection, task_rank=PAPER["train"]["task_rank"],
         ))
         export(f"{tmp}/ckpt", f"{tmp}/adapter", "peft")
         model, tokenizer = load_model(EMBEDDED)

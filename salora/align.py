@@ -73,6 +73,14 @@ def align(
     benign_repeat: int = 4,
 ) -> dict:
     """Train the alignment LoRA on `base` and write it (float16 PEFT adapter + alignment.json) to `out`."""
+    from salora.checks import at_least, positive
+
+    for flag, value in (("--rank", rank), ("--epochs", epochs), ("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
+        at_least(flag, value)
+    at_least("--benign-repeat", benign_repeat, 0)
+    at_least("--arithmetic-questions", arithmetic_questions, 0)
+    positive("--alpha", alpha)
+    positive("--lr", lr)
     check_output_dir(out)
     conversations, counts = alignment_mix(*helpful_conversations(base, arithmetic_questions, max_new_tokens), benign_repeat, seed)
     recipe = {"base": base, "answer_tokens": max_new_tokens, "rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs,
@@ -92,6 +100,7 @@ def train_alignment(conversations: list[list[dict]], counts: dict, out: str | Pa
         summary = train(TrainOptions(
             model=base, data=str(data), out=str(Path(tmp) / "ckpt"), method="lora", rank=rank, alpha=alpha,
             lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, target_modules=list(ALL_LINEAR),
+            device="cpu", dtype="float32",  # the shipped delta was trained so; keep it reproducible on any machine
         ))
         export(Path(tmp) / "ckpt", Path(tmp) / "adapter", "peft")
         with atomic_dir(out) as dst:

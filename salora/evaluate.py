@@ -23,13 +23,19 @@ def evaluate(
     batch_size: int = 16,
     judge: Judge | None = None,
     label: str | None = None,
+    device: str | None = "cpu",
+    dtype: str | None = "float32",
 ) -> dict:
     """Answer every prompt greedily, judge each answer, write `{n, refusal_rate, items, ...}` as JSON."""
+    from salora.checks import at_least
+    from salora.distributed import refuse_distributed
+
+    at_least("--max-new-tokens", max_new_tokens)
+    at_least("--batch-size", batch_size)
+    refuse_distributed("eval")
     judge = judge or KeywordJudge()
     prompts = read_prompts(prompts_file)
-    if max_new_tokens < 1:
-        raise SaLoRAError("--max-new-tokens must be at least 1")
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer = load_model(model_spec, device, dtype)
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise SaLoRAError(f"{adapter}: not a PEFT adapter directory (run `salora export` on a checkpoint)")
@@ -46,6 +52,7 @@ def evaluate(
         "prompts": str(prompts_file),
         "judge": judge.name,
         "max_new_tokens": max_new_tokens,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "n": len(items),
         "refusal_rate": sum(i["refused"] for i in items) / len(items),
         "items": items,

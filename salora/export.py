@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from salora.atomic import atomic_dir, check_output_dir, write_json_atomic
 from salora.errors import SaLoRAError
 from salora.models import linear_modules, load_model, weight_hash
+from salora.precision import resolve_device, resolve_dtype, same_weights, weight_hashes
 from salora.train import CHECKPOINT_CONFIG, SALORA_WEIGHTS
 from salora.tuner.config import SaLoRAConfig
 from salora.tuner.layer import lora_factors
@@ -69,31 +70,51 @@ def _export_peft(checkpoint: Path, meta: dict, out: Path) -> dict:
     return {"rank": rank}
 
 
-def _export_merged(checkpoint: Path, meta: dict, out: Path, model_spec: str | None) -> dict:
-    model, tokenizer = load_model(model_spec or meta["base_model"])
+def _export_merged(checkpoint: Path, meta: dict, out: Path, model_spec: str | None, device, dtype) -> dict:
+    """The base in `dtype` on `device` plus the exact delta, added in float32 and rounded once."""
+    model, tokenizer = load_model(model_spec or meta["base_model"], device, dtype)
     modules = linear_modules(model, meta["salora"]["target_modules"])
-    if weight_hash(modules) != meta["base_weight_hash"]:
-        raise SaLoRAError(f"base model {model_spec or meta['base_model']} is not the one this checkpoint was trained on")
+    if "weight_hashes" in meta:
+        same = same_weights(meta["weight_hashes"], weight_hashes(modules))
+    else:
+        same = weight_hash(modules) == meta["base_weight_hash"]
+    if not same:
+        raise SaLoRAError(f"base model {model_spec or meta['base_model']} is not the one this checkpoint was trained on"
+                          + (" (or not at a precision it can be checked at: use the training --dtype)" if same is None else ""))
     if meta["method"] == "lora":
         model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
     else:
         with torch.no_grad():
             for name, (lora_A, lora_B) in salora_lora_factors(checkpoint, meta).items():
-                modules[name].weight += lora_B @ lora_A
+                W = modules[name].weight
+                W.copy_((W.float() + (lora_B @ lora_A).to(W.device)).to(W.dtype))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {}
+    return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
-def export(checkpoint: str | Path, out: str | Path, fmt: str = "peft", model_spec: str | None = None) -> dict:
-    """Write the export atomically; returns its provenance record (also saved as salora_export.json)."""
+def export(
+    checkpoint: str | Path, out: str | Path, fmt: str = "peft", model_spec: str | None = None,
+    device: str | None = None, dtype: str | None = None,
+) -> dict:
+    """Write the export atomically; returns its provenance record (also saved as salora_export.json).
+    `device`/`dtype` (merged only; default CUDA with bfloat16 when present, else the CPU in float32)
+    choose where the base is loaded and the precision of the merged weights."""
+    from salora.distributed import refuse_distributed
+
     if fmt not in FORMATS:
         raise SaLoRAError(f"--format must be one of {', '.join(FORMATS)}")
+    refuse_distributed("export")
+    if fmt == "merged":
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+    elif device is not None or dtype is not None:
+        raise SaLoRAError("--device and --dtype apply to --format merged only (a PEFT export loads no model)")
     checkpoint, out = Path(checkpoint), Path(out)
     check_output_dir(out)
     meta = read_checkpoint(checkpoint)
     with atomic_dir(out) as tmp:
-        info = _export_peft(checkpoint, meta, tmp) if fmt == "peft" else _export_merged(checkpoint, meta, tmp, model_spec)
+        info = _export_peft(checkpoint, meta, tmp) if fmt == "peft" else _export_merged(checkpoint, meta, tmp, model_spec, device, dtype)
         record = {
             "format": fmt,
             "method": meta["method"],

@@ -53,8 +53,12 @@ class SaLoRALinear(nn.Module):
         self.register_buffer("U", U if U is not None else torch.empty(base.in_features, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base in its own dtype (bfloat16 on a GPU); the adapter path in the factors' dtype
+        (float32), its input cast up and its output cast back, as PEFT does with LoRA."""
+        result = self.base(x)
         A = project_rows(_basis(self.U), self.A)
-        return self.base(x) + self.scale * F.linear(F.linear(x, A), project_out(_basis(self.V), self.B))
+        delta = F.linear(F.linear(x.to(A.dtype), A), project_out(_basis(self.V), self.B))
+        return result + (self.scale * delta).to(result.dtype)
 
     @torch.no_grad()
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +86,7 @@ def lora_factors(
 
 
 def zero_init(d_out: int, d_in: int, rank: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard LoRA start: A ~ Kaiming-uniform(a=sqrt(5)) as in PEFT, B = 0."""
+    """Standard LoRA start: A ~ Kaiming-uniform(a=sqrt(5)) as in PEFT, B = 0 (float32, on the CPU)."""
     A = torch.empty(rank, d_in)
     bound = 1 / math.sqrt(d_in)  # kaiming_uniform_ with a=sqrt(5) on a (rank, d_in) matrix
     A.uniform_(-bound, bound, generator=generator)
@@ -100,4 +104,5 @@ def task_aware_init(W: torch.Tensor, V_task: torch.Tensor, rank: int, scaled: bo
     if scaled:
         factor = A0.norm() / math.sqrt(rank / 3)
         A0, B0 = A0 / factor, B0 / factor
-    return A0.to(W.dtype), B0.to(W.dtype)
+    dtype = torch.float32 if W.dtype in (torch.bfloat16, torch.float16) else W.dtype  # adapter factors stay float32
+    return A0.to(dtype), B0.to(dtype)

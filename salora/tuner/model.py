@@ -21,8 +21,14 @@ def _wrap(
     V: torch.Tensor | None, scale: float, U: torch.Tensor | None,
 ) -> SaLoRALinear:
     """Turn the base weight into the residual W_res = W - s C B0 A0 P and wrap it, so the wrapped
-    model computes exactly the base at A = A0, B = B0."""
-    linear.weight -= scale * project_out(V, B0) @ project_rows(U, A0)
+    model computes exactly the base at A = A0, B = B0. The factors and bases live in float32 on the
+    weight's device whatever the base's dtype; the residual is formed in float32 and rounded once."""
+    device = linear.weight.device
+    A0, B0 = A0.to(device, torch.float32), B0.to(device, torch.float32)
+    V = V.to(device, torch.float32) if V is not None else None
+    U = U.to(device, torch.float32) if U is not None else None
+    if torch.any(B0):  # a zero start leaves W_res = W bit for bit
+        linear.weight.copy_((linear.weight.float() - scale * project_out(V, B0) @ project_rows(U, A0)).to(linear.weight.dtype))
     layer = SaLoRALinear(linear, A0, B0, V, scale, U)
     _set_module(model, name, layer)
     return layer
@@ -46,12 +52,12 @@ def inject_salora(
     layers = {}
     for name in sorted(modules):
         W = modules[name].weight
-        V = safety_bases[name].to(W.dtype) if config.projection in ("output", "both") else None
-        U = input_bases[name].to(W.dtype) if config.projection in ("input", "both") else None
+        V = safety_bases[name] if config.projection in ("output", "both") else None
+        U = input_bases[name] if config.projection in ("input", "both") else None
         if config.init in ("task", "task-scaled"):
             if task_bases is None:
                 raise ValueError("task-aware init needs task bases")
-            A0, B0 = task_aware_init(W, task_bases[name], config.rank, scaled=config.init == "task-scaled")
+            A0, B0 = task_aware_init(W, task_bases[name].to(W.device), config.rank, scaled=config.init == "task-scaled")
         else:
             A0, B0 = zero_init(W.shape[0], W.shape[1], config.rank, generator)
         layers[name] = _wrap(model, name, modules[name], A0, B0, V, config.scale, U)
@@ -76,7 +82,7 @@ def salora_layers(model: nn.Module) -> dict[str, SaLoRALinear]:
 
 def salora_state(layers: dict[str, SaLoRALinear]) -> dict[str, torch.Tensor]:
     """Flat tensors `<module path>.{A,B,A0,B0,V}` for a safetensors checkpoint."""
-    return {f"{name}.{t}": getattr(layer, t).detach().contiguous().clone() for name, layer in layers.items() for t in TENSORS}
+    return {f"{name}.{t}": getattr(layer, t).detach().cpu().contiguous().clone() for name, layer in layers.items() for t in TENSORS}
 
 
 def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
