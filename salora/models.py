@@ -29,7 +29,6 @@ from transformers.utils import logging as hf_logging
 from salora.atomic import atomic_dir
 from salora.errors import SaLoRAError
 from salora.precision import resolve_device, resolve_dtype
-from salora.precision import resolve_device, resolve_dtype
 
 # Loading a 135M model takes a second; its per-tensor progress bars would only bury our own output.
 hf_logging.disable_progress_bar()
