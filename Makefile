@@ -65,7 +65,8 @@ serve: install
 	$(VENV)/bin/salora serve
 
 # Tests in parallel (pytest-xdist). `--dist loadgroup` keeps each `xdist_group` on one worker:
-# tests/conftest.py groups the tests that share a real vLLM server or depend on timing.
+# tests/conftest.py makes each test file a group, and one group of the files that share a real vLLM
+# server, one of those that depend on timing.
 test: install test-deps vllm-venv checkov-venv
 	@echo "==> running the test suite with $(WORKERS) workers (usually 10 min)"
 	@$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup --durations=15; rc=$$?; \

@@ -71,9 +71,10 @@ def chat_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-# `make test` runs the suite on pytest-xdist workers with `--dist loadgroup`: each group below runs
-# on one worker, one test after another. Every worker has its own session, so a session fixture that
-# starts a real server would start one per worker.
+# `make test` runs the suite on pytest-xdist workers with `--dist loadgroup`: each group runs on one
+# worker, one test after another. Every worker has its own session, so a fixture shared by tests on
+# two workers is built twice: each test file is a group of its own (its module fixtures, such as the
+# embedded canary's two trained adapters, are built once), and the files below share one.
 XDIST_GROUPS = {
     # a real vLLM server (about 5 GiB, most of a core) and a SaLoRA adapter trained on the embedded model
     "vllm-server": ("tests/vllm/test_vllm_server.py", "tests/vllm/test_vllm_replicas.py"),
@@ -87,6 +88,5 @@ XDIST_GROUPS = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         path = item.nodeid.split("::", 1)[0]
-        for group, files in XDIST_GROUPS.items():
-            if path in files:
-                item.add_marker(pytest.mark.xdist_group(group))
+        group = next((g for g, files in XDIST_GROUPS.items() if path in files), path)
+        item.add_marker(pytest.mark.xdist_group(group))
