@@ -1,6 +1,8 @@
 # The SaLoRA gateway: `salora serve` on a slim Python base, as a non-root user.
 #   docker build -t salora-gateway .
-#   docker run -p 8000:8000 -e SALORA_CONFIG=/etc/salora/gateway.yaml -v $PWD/gateway.yaml:/etc/salora/gateway.yaml:ro salora-gateway
+#   docker run -p 8000:8000 -e SALORA_ADMIN_KEY="$(cat admin.key)" -e SALORA_CONFIG=/etc/salora/gateway.yaml \
+#     -v $PWD/gateway.yaml:/etc/salora/gateway.yaml:ro salora-gateway
+# It binds 0.0.0.0 and so refuses to start without an admin key or tenants (docs/security.md).
 # With the vLLM engine it needs no GPU; the in-process engine runs the model on this container's CPUs.
 # Compose and Kubernetes files: deploy/ (docs/vllm.md).
 

@@ -85,7 +85,9 @@ def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
                               on_change=lambda: ctx.create_known_series())
         ctx = Context(settings=settings, engine=engine, tenants=tenants,
                       limiter=RateLimiter(settings.rate_window_s), metrics=metrics, judge=live_judge,
-                      admin_key_sha256=hash_key(admin_key) if admin_key else None, anonymous=anonymous,
+                      admin_key_sha256=hash_key(admin_key) if admin_key else None,
+                      metrics_key_sha256=hash_key(settings.metrics_key.get_secret_value()) if settings.metrics_key else None,
+                      anonymous=anonymous,
                       started_at=int(time.time()), lifecycle=lifecycle)
         app.state.context = ctx
         loading = asyncio.create_task(_start_engine(ctx))

@@ -29,6 +29,7 @@ class Context:
     metrics: Metrics
     judge: Judge
     admin_key_sha256: str | None  # None: the admin API is off
+    metrics_key_sha256: str | None  # besides the admin key, the bearer token /metrics accepts
     anonymous: bool  # no admin key and no tenants at start: every caller is the anonymous tenant
     started_at: int  # Unix time, the `created` of the models listed
     lifecycle: Lifecycle  # uploads, canary, promotion and retirement of adapters

@@ -32,7 +32,8 @@ class ErrorResponse(BaseModel):
 STATUS_DESCRIPTIONS = {
     400: "Invalid request", 401: "Missing or wrong key (or the admin API is off)", 404: "Not found, or not yours",
     409: "Conflicts with the current state", 413: "Body too large", 429: "Over a limit (see Retry-After)",
-    503: "Not ready, or the engine failed",
+    422: "The adapter's config is not plain, servable LoRA (`param` names the field)", 503: "Not ready, or the engine failed",
+    507: "The gateway cannot store the upload (its disk is full)",
 }
 
 

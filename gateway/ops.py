@@ -1,13 +1,20 @@
-"""Probes and metrics for the orchestrator and Prometheus; no authentication (bind them privately)."""
+"""Probes and metrics for the orchestrator and Prometheus. The probes need no credential and so name
+no tenant and no adapter; `/metrics` does name them, so when the gateway has an admin key it needs a
+bearer token: `metrics_key` (what Prometheus is given) or the admin key."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import hmac
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
+from gateway.auth import bearer_key
 from gateway.context import Context, context
+from gateway.errors import documented, invalid_api_key
+from gateway.tenants import hash_key
 
 router = APIRouter()
 
@@ -15,7 +22,6 @@ router = APIRouter()
 class Readiness(BaseModel):
     status: str  # ready | loading | failed
     model: str | None = None
-    adapters: list[str] | None = None
     error: str | None = None
 
 
@@ -31,11 +37,23 @@ async def readyz(ctx: Context = Depends(context)) -> JSONResponse:
     after it failed."""
     engine = ctx.engine
     if engine.ready and ctx.lifecycle.ready:
-        return JSONResponse({"status": "ready", "model": engine.model_id, "adapters": sorted(ctx.served_adapters())})
+        return JSONResponse({"status": "ready", "model": engine.model_id})
     status = "failed" if engine.error else "loading"
     return JSONResponse({"status": status, "error": engine.error}, status_code=503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+async def require_metrics_reader(request: Request, ctx: Context = Depends(context)) -> None:
+    """Open when the gateway has no admin key (then nothing else is protected either)."""
+    allowed = [h for h in (ctx.metrics_key_sha256, ctx.admin_key_sha256) if h]
+    if not allowed:
+        return
+    key = bearer_key(request)
+    digest = hash_key(key) if key else ""
+    if not any(hmac.compare_digest(digest, h) for h in allowed):
+        raise invalid_api_key()
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses=documented(401),
+            dependencies=[Depends(require_metrics_reader)])
 async def metrics(ctx: Context = Depends(context)) -> Response:
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -6,10 +6,13 @@ import asyncio
 import logging
 import sys
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from gateway.app import create_app
+from gateway.header_limit import bounded_protocol
 from gateway.settings import Settings
 from gateway.shutdown import Drain
 
@@ -40,13 +43,18 @@ class GatewayServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def uvicorn_config(app: ASGIApp, settings: Settings, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn for the gateway: the httptools parser with the header cap (gateway/header_limit.py)."""
+    return uvicorn.Config(app, http=bounded_protocol(settings.limits.max_header_bytes), **kwargs)
+
+
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     drain = Drain(create_app(settings), settings.shutdown_timeout_s)
     # No access log: a line per request was a third of the HTTP layer's CPU per request
     # (docs/performance.md), and salora_requests_total already counts every request.
-    config = uvicorn.Config(drain, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=CONNECTIONS_GRACE_S)
+    config = uvicorn_config(drain, settings, host=settings.host, port=settings.port, log_level="info",
+                            access_log=False, timeout_graceful_shutdown=CONNECTIONS_GRACE_S)
     server = GatewayServer(config, drain)
     server.run()
     if not server.started:

@@ -4,6 +4,7 @@ With nothing set, the gateway serves the embedded model, open to local callers."
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -45,6 +46,7 @@ class Limits(BaseModel):
     model_config = {"extra": "forbid"}
 
     max_body_bytes: int = Field(default=1 << 20, gt=0)  # every request but an adapter upload (lifecycle.max_upload_bytes)
+    max_header_bytes: int = Field(default=16 << 10, ge=1024)  # request line + headers, counted as they arrive (431 above)
     max_tokens: int = Field(default=2048, gt=0)  # the most a request may ask for
     default_max_tokens: int = Field(default=256, gt=0)  # when a request does not say
     max_messages: int = Field(default=256, gt=0)  # messages in one chat request
@@ -114,6 +116,8 @@ class Settings(BaseSettings):
     adapters: dict[str, Path] = {}  # name -> PEFT adapter directory, loaded at start
     tenants: list[TenantConfig] = []
     admin_key: SecretStr | None = None
+    allow_open: bool = False  # serve with no admin key and no tenants on a non-loopback host (no authentication)
+    metrics_key: SecretStr | None = None  # a bearer token for /metrics only (Prometheus); the admin key works too
     state_dir: Path = Field(default_factory=lambda: salora_home() / "gateway")
     db_url: str | None = None  # any SQLAlchemy URL; default: SQLite under state_dir
     limits: Limits = Limits()
@@ -155,6 +159,8 @@ class Settings(BaseSettings):
         for name in self.engines:
             if name in ("local", "vllm") or not re.match(NAME_PATTERN, name):
                 raise ValueError(f"engine name {name!r} must match {NAME_PATTERN} and not be `local` or `vllm`")
+        if self.served_model_id in self.adapters:
+            raise ValueError(f"adapter {self.served_model_id!r} has the name of the served model")
         known = self.engine_names
         if self.engine not in known:
             raise ValueError(f"engine {self.engine!r} is not one of {', '.join(known)} (`vllm` needs a `vllm:` section)")
@@ -165,6 +171,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"route {model!r} is also the name of an adapter or of the model")
             if engine not in known:
                 raise ValueError(f"route {model!r}: engine {engine!r} is not one of {', '.join(known)}")
+        return self
+
+    @model_validator(mode="after")
+    def _not_open_by_accident(self) -> Settings:
+        """With no admin key and no tenants every caller is served without a key: that is for a
+        developer's own machine, so any other host needs `allow_open` said out loud."""
+        if self.admin_key is None and not self.tenants and not self.allow_open and not _loopback(self.host):
+            raise ValueError(f"host {self.host!r} is not a loopback address, and with no admin_key and no tenants the "
+                             "gateway would serve anyone without a key: set SALORA_ADMIN_KEY (or tenants), or "
+                             "allow_open: true")
         return self
 
     @property
@@ -191,6 +207,15 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_yaml(path: Path) -> None:

@@ -17,6 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="YAML settings file (default: $SALORA_CONFIG, else built-in defaults)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to bind (default 8000)")
+    p.add_argument("--allow-open", action="store_true", default=None,
+                   help="allow serving without any key (no admin key, no tenants) on a non-loopback host")
     p.set_defaults(run=run)
 
 
@@ -24,5 +26,6 @@ def run(args: argparse.Namespace) -> None:
     from gateway.server import serve  # imported here so `salora --help` stays fast
     from gateway.settings import load_settings
 
-    flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("allow_open", args.allow_open))
+             if v is not None}
     serve(load_settings(args.config, **flags))

@@ -25,7 +25,7 @@ from typing import Any
 
 from gateway.adapters.archive import unpack
 from gateway.adapters.errors import AdapterRejected
-from gateway.adapters.registry import AdapterRecord, NameInUse, Registry, State
+from gateway.adapters.registry import INACTIVE, AdapterRecord, NameInUse, Registry, State
 from gateway.adapters.store import AdapterStore
 from gateway.adapters.validation import AdapterInfo, BaseModelInfo, inspect_base, validate
 from gateway.canary.runner import CanaryError, CanaryRunner
@@ -58,6 +58,16 @@ def _conflict(message: str) -> AdapterRejected:
     return AdapterRejected(message, code="invalid_state", status=409)
 
 
+def storage_error(e: OSError) -> AdapterRejected:
+    return AdapterRejected(f"the gateway cannot store the upload: {e.strerror or e}", code="storage_error", status=507)
+
+
+def _has_files(record: AdapterRecord) -> None:
+    """An upload rejected before it was stored has nothing to load: it must be uploaded again."""
+    if record.source != "config" and record.sha256 is None:
+        raise _conflict(f"{record.name!r} was rejected before it was stored ({record.reason}); upload it again.")
+
+
 class Lifecycle:
     def __init__(self, settings: Settings, engine: Engine, registry: Registry, tenants: TenantStore,
                  metrics: Metrics, judge: Judge, on_change: Callable[[], None]) -> None:
@@ -72,6 +82,7 @@ class Lifecycle:
         self.store = AdapterStore(settings.state_dir / "adapters")
         self.runner = CanaryRunner(engine, settings.canary, judge, registry)
         self.held_back: frozenset[str] = frozenset()  # loaded in the engine, not to be routed to
+        self._unloading: frozenset[str] = frozenset()  # held back, their unload failed: retried on schedule
         self.ready = False  # live adapters restored
         self._base: BaseModelInfo | None = None
         self._base_lock = asyncio.Lock()
@@ -101,14 +112,15 @@ class Lifecycle:
         self._scheduler = asyncio.create_task(self._schedule(tick))
 
     async def _recover_uploads(self) -> None:
-        """An upload still uploaded or validating whose claim no live process holds was cut short by a
-        crash before its 202. It is removed as a failed check would be: its client saw the request
-        fail and uploads again, and resuming it would answer that retry with a 409. Then the scratch
-        directories and stored files no live upload or record refers to are swept."""
+        """An upload still uploaded or validating whose claim no live process holds was cut short (a
+        crash, or a failure whose own cleanup could not be written, e.g. on a full disk). It ends as a
+        failed check does, rejected: its client saw the request fail and uploads again, and resuming
+        it would answer that retry with a 409. Then the scratch directories and stored files no live
+        upload or record refers to are swept. Run at start and at every tick of the schedule."""
         for record in await asyncio.to_thread(self.registry.all, (State.UPLOADED, State.VALIDATING)):
             if not await asyncio.to_thread(self.store.in_use, record.id):
-                log.warning("the upload of adapter %s was cut short by a crash (%s); removed", record.name, record.state)
-                await self._forget(record)
+                log.warning("the upload of adapter %s was cut short (%s); rejected", record.name, record.state)
+                await self._abandon(record, "the upload was cut short before it was checked; upload it again")
         await asyncio.to_thread(self.store.sweep, self.registry.hashes)
 
     async def close(self) -> None:
@@ -182,6 +194,9 @@ class Lifecycle:
         unknown = sorted(t for t in set(tenants) if self.tenants.get(t) is None)
         if unknown:
             raise AdapterRejected(f"unknown tenants: {', '.join(unknown)}", code="unknown_tenant")
+        if name == self.engine.model_id or name in self.settings.routes:
+            raise AdapterRejected(f"{name!r} is the name of a model this gateway serves; choose another name.",
+                                  code="name_in_use", status=409, param="name")
         base = await self.base()
         record_id = uuid.uuid4().hex
         with self.store.scratch(record_id) as work:  # the claim: see _recover_uploads
@@ -197,11 +212,14 @@ class Lifecycle:
                 await asyncio.to_thread(self.registry.transition, record.id, State.VALIDATING, actor=actor,
                                         action="validate")
                 await self._refresh()
-                info, staged = await asyncio.to_thread(self._validate, parts, base, work)
-                # The hash is recorded before the files are stored, so a stored adapter no record names
-                # is always a crash's leftover (AdapterStore.sweep).
-                record = await asyncio.to_thread(self.registry.update, record.id, sha256=info.sha256)
-                path = await asyncio.to_thread(self.store.put, staged, info.sha256)
+                try:
+                    info, staged = await asyncio.to_thread(self._validate, parts, base, work)
+                    # The hash is recorded before the files are stored, so a stored adapter no record
+                    # names is always a crash's leftover (AdapterStore.sweep).
+                    record = await asyncio.to_thread(self.registry.update, record.id, sha256=info.sha256)
+                    path = await asyncio.to_thread(self.store.put, staged, info.sha256)
+                except OSError as e:  # a full or failing disk: the client is told, nothing half-written stays
+                    raise storage_error(e) from e
                 crash_point("upload:stored")
                 self.held_back |= {name}
                 try:
@@ -215,11 +233,13 @@ class Lifecycle:
                     source="checkpoint" if info.source == "checkpoint" else "upload", rank=info.rank,
                     target_modules=info.target_modules, size_bytes=info.size_bytes)
                 await self._refresh()
-            except BaseException:
+            except BaseException as e:
                 if loaded:
-                    await self.engine.unload_adapter(name)
-                self.held_back -= {name}
-                await self._forget(record)
+                    await self._unload(name)
+                else:
+                    self.held_back -= {name}
+                await self._abandon(record, str(e) if isinstance(e, AdapterRejected)
+                                    else f"the upload failed: {type(e).__name__}: {e}")
                 raise
         self._spawn(record, "upload")
         return record
@@ -231,12 +251,20 @@ class Lifecycle:
         root = unpack([(p.filename, p.path) for p in parts], work / "unpacked", self.config)
         return validate(root, work, base, self.config.max_rank)
 
-    async def _forget(self, record: AdapterRecord) -> None:
-        """Remove a record that never passed validation, and its files unless another record shares them."""
-        fresh = await asyncio.to_thread(self.registry.get, record.id)
-        await asyncio.to_thread(self.registry.forget, record.id)
-        if fresh is not None and fresh.sha256 and await asyncio.to_thread(self.registry.uses, fresh.sha256) == 0:
-            await asyncio.to_thread(self.store.remove, fresh.sha256)
+    async def _abandon(self, record: AdapterRecord, reason: str) -> None:
+        """End an upload that failed: rejected with `reason`, its files removed unless another record
+        shares them. If even that cannot be written (a full disk), the record stays where it is and the
+        schedule's next tick (`_recover_uploads`) ends it once the claim is released."""
+        try:
+            fresh = await asyncio.to_thread(self.registry.get, record.id)
+            if fresh is None or fresh.state in INACTIVE:
+                return
+            await asyncio.to_thread(self.registry.transition, record.id, State.REJECTED, actor="gateway",
+                                    action="reject", reason=reason[:2000], sha256=None)
+            if fresh.sha256 and await asyncio.to_thread(self.registry.uses, fresh.sha256) == 0:
+                await asyncio.to_thread(self.store.remove, fresh.sha256)
+        except Exception:
+            log.exception("cannot record the failed upload of %s; the schedule retries", record.name)
         await self._refresh()
 
     # --- admin actions --------------------------------------------------------------------------
@@ -247,6 +275,7 @@ class Lifecycle:
         record = self.find(name)
         if self.probing(record):
             raise _conflict(f"A canary run of {name!r} is in progress.")
+        _has_files(record)
         if record.state == State.REJECTED:
             try:
                 record = await asyncio.to_thread(self.registry.transition, record.id, State.PROBING, actor=actor,
@@ -263,39 +292,64 @@ class Lifecycle:
         return record
 
     async def retire(self, name: str, actor: str, reason: str | None) -> AdapterRecord:
-        """Stop routing to a live adapter, unload it, keep its record. A canary run of it is cancelled."""
+        """Take an adapter out of service in any active state, keeping its record: a live one is
+        retired, a probing one too (its canary is cancelled), an upload a failure left behind is
+        rejected. Only an upload being checked right now must finish first."""
         record = self.find(name)
-        if record.state != State.LIVE:
-            raise _conflict(f"{name!r} is {record.state}; only a live adapter can be retired.")
         if record.source == "config":
             raise _conflict(f"{name!r} is declared in the gateway's config; remove it there.")
+        if record.state in INACTIVE:
+            raise _conflict(f"{name!r} is already {record.state}.")
+        if record.state in (State.UPLOADED, State.VALIDATING):
+            if await asyncio.to_thread(self.store.in_use, record.id):
+                raise _conflict(f"{name!r} is being checked right now; retry in a moment.")
+            await self._abandon(record, reason or f"removed by {actor} before it was checked")
+            return self.find_id(record.id)
         run = self._runs.get(record.id)
         if run is not None:
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
-        return await self._retire(record, actor, reason or "retired by an admin")
+        default = "retired by an admin" if record.state == State.LIVE else "its canary was cancelled by an admin"
+        return await self._retire(record, actor, reason or default)
+
+    def find_id(self, record_id: str) -> AdapterRecord:
+        record = self.registry.get(record_id)
+        if record is None:
+            raise _not_found(record_id)
+        return record
 
     async def _retire(self, record: AdapterRecord, actor: str, reason: str) -> AdapterRecord:
         self.held_back |= {record.name}
-        try:
-            # Revoked first: a crash in between leaves it live, and the start grants it again. The other
-            # way round, tenants would keep a retired name, and with it a later adapter of that name.
-            await asyncio.to_thread(self.tenants.revoke, record.name)
-            record = await asyncio.to_thread(self.registry.transition, record.id, State.RETIRED, actor=actor,
-                                             action="retire", reason=reason)
-            if record.name in self.engine.adapters():
-                await self.engine.unload_adapter(record.name)
-        finally:
-            self.held_back -= {record.name}
+        # Revoked first: a crash in between leaves it live, and the start grants it again. The other
+        # way round, tenants would keep a retired name, and with it a later adapter of that name.
+        await asyncio.to_thread(self.tenants.revoke, record.name)
+        record = await asyncio.to_thread(self.registry.transition, record.id, State.RETIRED, actor=actor,
+                                         action="retire", reason=reason)
+        await self._unload(record.name)
         self._clear_gauges(record.name)
         await self._refresh()
         return record
+
+    async def _unload(self, name: str) -> None:
+        """Unload a held-back adapter, then release the hold. If the engine fails to unload it, it
+        stays held back (loaded, but never routed to) and the schedule retries."""
+        if name in self.engine.adapters():
+            try:
+                await self.engine.unload_adapter(name)
+            except Exception as e:
+                log.error("cannot unload adapter %s (%s); it stays held back and the unload is retried", name, e)
+                self.metrics.engine_errors.labels(self.engine.name, "unload").inc()
+                self._unloading |= {name}
+                return
+        self._unloading -= {name}
+        self.held_back -= {name}
 
     async def force_live(self, name: str, actor: str, reason: str) -> AdapterRecord:
         """An admin override: a rejected adapter goes live anyway; who and why go to the audit log."""
         record = self.find(name)
         if record.state != State.REJECTED:
             raise _conflict(f"{name!r} is {record.state}; only a rejected adapter can be forced live.")
+        _has_files(record)
         try:
             await self._hold_and_load(record)
         except Exception as e:
@@ -305,8 +359,7 @@ class Lifecycle:
             record = await asyncio.to_thread(self.registry.transition, record.id, State.LIVE, actor=actor,
                                              action="force_live", reason=reason)
         except NameInUse:
-            await self.engine.unload_adapter(record.name)
-            self.held_back -= {record.name}
+            await self._unload(record.name)
             raise _conflict(f"Another adapter named {name!r} is active.") from None
         return await self._release(record)
 
@@ -379,9 +432,7 @@ class Lifecycle:
     async def _unload_rejected(self, record: AdapterRecord, actor: str, reason: str | None) -> None:
         await asyncio.to_thread(self.registry.transition, record.id, State.REJECTED, actor=actor, action="reject",
                                 reason=reason)
-        if record.name in self.engine.adapters():
-            await self.engine.unload_adapter(record.name)
-        self.held_back -= {record.name}
+        await self._unload(record.name)
         self._clear_gauges(record.name)
         await self._refresh()
 
@@ -416,6 +467,9 @@ class Lifecycle:
                 log.exception("the canary schedule failed; trying again at the next tick")
 
     async def _due(self) -> None:
+        for name in sorted(self._unloading):
+            await self._unload(name)
+        await self._recover_uploads()
         now = time.time()
         for record in await asyncio.to_thread(self.registry.all, (State.PROBING, State.LIVE)):
             if self.probing(record):

@@ -3,8 +3,10 @@ audit log of every transition (who and why), and the base model's cached probe a
 gateway's database (`gateway.db`), so a restarted gateway, or another replica on the same database,
 sees the same adapters.
 
-States: uploaded -> validating -> probing -> live | rejected; live -> retired. A rejected adapter can
-be probed again (-> probing) or forced live by an admin (-> live, audited). At most one adapter per
+States: uploaded -> validating -> probing -> live | rejected; live -> retired. An upload that fails
+(validation, storage, the engine) ends rejected with the reason and without files; an admin may
+retire a probing adapter (its canary is cancelled). A rejected adapter that has files can be probed
+again (-> probing) or forced live by an admin (-> live, audited). At most one adapter per
 name is active (not rejected or retired): a partial unique index enforces it in the database."""
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ class State(StrEnum):
 
 INACTIVE = (State.REJECTED, State.RETIRED)
 TRANSITIONS: dict[State, set[State]] = {
-    State.UPLOADED: {State.VALIDATING},
-    State.VALIDATING: {State.PROBING},
-    State.PROBING: {State.LIVE, State.REJECTED},
+    State.UPLOADED: {State.VALIDATING, State.REJECTED},
+    State.VALIDATING: {State.PROBING, State.REJECTED},
+    State.PROBING: {State.LIVE, State.REJECTED, State.RETIRED},
     State.LIVE: {State.RETIRED},
     State.REJECTED: {State.PROBING, State.LIVE},
     State.RETIRED: set(),

@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from gateway.app import create_app
+from gateway.server import uvicorn_config
 from gateway.context import Context
 from gateway.settings import Settings
 from salora.judge import Judge
@@ -85,7 +86,7 @@ class LiveGateway:
             model=model, messages=[{"role": "user", "content": prompt}], **kwargs)
 
     def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics").text
+        return self.admin("GET", "/metrics").text
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -101,7 +102,7 @@ def serve_app() -> Iterator:
 
     def start(settings: Settings, judge: Judge | None = None) -> LiveGateway:
         app = create_app(settings, judge=judge)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=0, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30

@@ -27,6 +27,7 @@ from transformers import LlamaForCausalLM
 
 from gateway.adapters.lifecycle import Lifecycle
 from gateway.app import create_app
+from gateway.server import uvicorn_config
 from gateway.canary.probes import select_probes
 from gateway.settings import Settings
 from salora.judge import Judge
@@ -65,7 +66,7 @@ class SameAsBaseJudge:
 def running(settings: Settings, judge: Judge | None = None) -> Iterator[LiveGateway]:
     """A gateway on a free port for the duration of the block, ready (model loaded, adapters restored)."""
     app = create_app(settings, judge=judge)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -115,6 +115,11 @@ def _chat(gw: LiveGateway) -> Call:
                                          "max_tokens": 2})
 
 
+def _names_nothing(caller: str, response: httpx.Response) -> None:
+    """A probe anyone may call names no tenant and no adapter."""
+    assert not {"alpha", "beta", "gamma", "acme", "globex"} & set(response.text.replace('"', " ").split()), response.text
+
+
 def _models(gw: LiveGateway) -> Call:
     def check(caller: str, response: httpx.Response) -> None:
         if response.status_code == 200:
@@ -125,8 +130,8 @@ def _models(gw: LiveGateway) -> Call:
 
 ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("GET", "/healthz"): Endpoint("public", lambda gw: Call("GET", "/healthz")),
-    ("GET", "/readyz"): Endpoint("public", lambda gw: Call("GET", "/readyz")),
-    ("GET", "/metrics"): Endpoint("public", lambda gw: Call("GET", "/metrics")),
+    ("GET", "/readyz"): Endpoint("public", lambda gw: Call("GET", "/readyz", check=_names_nothing)),
+    ("GET", "/metrics"): Endpoint("admin", lambda gw: Call("GET", "/metrics")),  # the admin key, or metrics_key
     ("GET", "/openapi.json"): Endpoint("public", lambda gw: Call("GET", "/openapi.json")),
     ("GET", "/docs"): Endpoint("public", lambda gw: Call("GET", "/docs")),
     ("GET", "/docs/oauth2-redirect"): Endpoint("public", lambda gw: Call("GET", "/docs/oauth2-redirect")),
@@ -235,6 +240,6 @@ def test_keys_never_reach_logs_or_metrics(gw: LiveGateway, logs: KeyLeak):
         send(gw, Call("GET", "/admin/tenants"), caller)
     secrets = [gw.keys[c] for c in ("tenant", "other", "bad", "admin")]
     assert logs.lines, "the handler saw no gateway log at all: the capture is broken"
-    text = "\n".join(logs.lines) + httpx.get(f"{gw.url}/metrics").text
+    text = "\n".join(logs.lines) + gw.metrics()
     for secret in secrets:
         assert secret not in text and secret[-24:] not in text

@@ -27,7 +27,7 @@ UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
 }}}}
 
 
-@router.post("", status_code=202, responses=documented(400, 409, 413, 503), openapi_extra={"requestBody": UPLOAD_BODY})
+@router.post("", status_code=202, responses=documented(400, 409, 413, 422, 503, 507), openapi_extra={"requestBody": UPLOAD_BODY})
 async def upload_adapter(request: Request, ctx: Context = Depends(context)) -> AdapterInfo:
     """Multipart: `name`, `tenants`, and `file` (a .tar.gz/.zip of a PEFT adapter or `salora train`
     checkpoint, or its files). 202 once it passed validation and its canary started; 4xx otherwise,
@@ -60,6 +60,7 @@ async def force_live(name: str, body: ForceLive, ctx: Context = Depends(context)
 
 @router.delete("/{name}", responses=documented(404, 409, 503))
 async def retire_adapter(name: str, body: Retire | None = Body(default=None), ctx: Context = Depends(context)) -> AdapterInfo:
-    """Retire a live adapter: no more traffic, unloaded, its record kept."""
+    """Take an adapter out of service in any active state, its record kept: a live one is retired, a
+    probing one too (its canary cancelled), an upload a failure left behind is rejected."""
     body = body or Retire()
     return await AdapterAdmin(ctx).act("retire", name, body.actor, body.reason)

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from gateway.adapters.errors import AdapterRejected
-from gateway.adapters.lifecycle import UploadPart
+from gateway.adapters.lifecycle import UploadPart, storage_error
 from gateway.adapters.registry import AdapterRecord
 from gateway.admin.adapters.protocol import AdapterDetail, AdapterInfo, CanarySummary, EventInfo
 from gateway.context import Context
@@ -79,7 +79,10 @@ class AdapterAdmin:
                     if isinstance(value, UploadFile):
                         if key != "file":
                             raise bad_request(f"files go in the `file` field, not {key!r}", param=key)
-                        parts.append(await asyncio.to_thread(self._save, value, incoming, len(parts)))
+                        try:
+                            parts.append(await asyncio.to_thread(self._save, value, incoming, len(parts)))
+                        except OSError as e:
+                            raise api_error(storage_error(e)) from None
                 try:
                     record = await self.lifecycle.upload(name, tenants, parts,
                                                          actor=actor if isinstance(actor, str) and actor else "admin")
