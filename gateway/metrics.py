@@ -1,4 +1,4 @@
-"""Prometheus metrics (names fixed in DESIGN.md section 4), one registry per app so tests can run
+"""Prometheus metrics (names fixed in docs/design.md section 4), one registry per app so tests can run
 several apps in one process. Label values come from the tenant store and the engine's adapters;
 anything else is `other`, so a caller cannot grow the series count by sending made-up names."""
 

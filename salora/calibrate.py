@@ -464,7 +464,7 @@ def calibrate(
     max_length: int = 512,
     log=None,
 ) -> dict:
-    """Compute and save the safety basis V_s for every target module (DESIGN.md section 1).
+    """Compute and save the safety basis V_s for every target module (docs/design.md section 1).
 
     `energy` picks r_s per module as the fewest directions capturing that share of the spectrum
     (instead of a fixed `rank_safety`). `contrast_data` (benign conversations; with

@@ -15,7 +15,7 @@ PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
 RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.yml"))
 
-# DESIGN.md section 4: the only metric names the gateway exports (with a histogram's series suffixes).
+# docs/design.md section 4: the only metric names the gateway exports (with a histogram's series suffixes).
 DESIGN_METRICS = frozenset({
     "salora_requests_total", "salora_request_duration_seconds", "salora_time_to_first_token_seconds",
     "salora_tokens_total", "salora_responses_total", "salora_canary_refusal_rate", "salora_canary_runs_total",
@@ -40,7 +40,7 @@ class Target:
 
     @property
     def metrics(self) -> frozenset[str]:
-        """The DESIGN.md metric names this expression reads (histogram suffixes removed)."""
+        """The docs/design.md metric names this expression reads (histogram suffixes removed)."""
         return frozenset(base_metric(m) for m in METRIC_NAME.findall(self.expr))
 
 

@@ -98,7 +98,7 @@ def test_only_design_metric_names() -> None:
     """A typo in a metric name would make a panel or an alert silently empty."""
     texts = [RULES.read_text(), *(p.read_text() for p in DASHBOARDS)]
     used = {base_metric(m) for text in texts for m in METRIC_NAME.findall(text)}
-    assert used <= DESIGN_METRICS, f"not in DESIGN.md section 4: {sorted(used - DESIGN_METRICS)}"
+    assert used <= DESIGN_METRICS, f"not in docs/design.md section 4: {sorted(used - DESIGN_METRICS)}"
 
 
 def test_dashboard_panels_and_variables() -> None:
