@@ -165,7 +165,8 @@ class LocalEngine:
 
     @property
     def ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The worker runs and nothing has stopped it (a failed start, or a load that changed the base)."""
+        return self._thread is not None and self._thread.is_alive() and self.error is None
 
     def adapters(self) -> frozenset[str]:
         return self._adapters
@@ -241,18 +242,31 @@ class LocalEngine:
     def _load_adapter(self, name: str, path: Path) -> None:
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} is already loaded")
-        if isinstance(self._model, PeftModel):
-            self._model.load_adapter(str(path), adapter_name=_peft_name(name))
-        else:
-            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=_peft_name(name))
+        peft_name = _peft_name(name)
+        try:
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(str(path), adapter_name=peft_name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=peft_name)
+        except Exception as e:
+            # PEFT injects layers into the base in place as it goes: a load that failed half-way may
+            # have left some behind, or changed weights, in the model every tenant is served from.
+            self._check_base(name, peft_name, failed=e)
+            raise
         self._model.eval()
         self._adapters = self._adapters | {name}
+        self._check_base(name, peft_name)
+
+    def _check_base(self, name: str, peft_name: str, failed: Exception | None = None) -> None:
+        """Stop serving (fail closed) if the base weights differ from the seal, or if a failed load
+        left layers of its adapter in the model."""
         assert self._seal is not None
         changed = self._seal.broken(self._model)
-        if changed:  # the base every tenant shares is no longer the one served: stop serving from it
-            self.error = (f"loading adapter {name!r} changed {len(changed)} base weights (e.g. {changed[0]}); "
-                          "the engine stopped serving: restart the gateway")
-            raise _BaseChanged(self.error)
+        residue = failed is not None and any(peft_name in getattr(m, "lora_A", {}) for m in self._model.modules())
+        if changed or residue:  # the base every tenant shares is no longer the one served
+            what = f"changed {len(changed)} base weights (e.g. {changed[0]})" if changed else "left layers in the base"
+            self.error = f"loading adapter {name!r} {what}; the engine stopped serving: restart the gateway"
+            raise _BaseChanged(self.error) from failed
 
     def _unload_adapter(self, name: str) -> None:
         if name not in self._adapters:

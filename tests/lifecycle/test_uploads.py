@@ -1,5 +1,6 @@
-"""A corpus of bad uploads: each is refused with a 4xx that says why, and leaves nothing behind (no
-registry record, no stored or scratch file, nothing loaded in the engine, no tenant grant)."""
+"""A corpus of bad uploads: each is refused with a 4xx that says why, and leaves nothing behind but a
+rejected record with the reason (no stored or scratch file, nothing loaded in the engine, no tenant
+grant)."""
 
 from __future__ import annotations
 
@@ -138,9 +139,9 @@ CASES: list[tuple[str, Callable[[dict[str, Files]], Files], int, str, str]] = [
     ("oversize-body", lambda c: {**c["good"], "README.md": b"x" * (3 << 20)}, 413, "too_large", "larger than"),
     ("missing-config", lambda c: {WEIGHTS: c["good"][WEIGHTS]}, 400, "missing_file", "adapter_config.json"),
     ("missing-weights", lambda c: {CONFIG: c["good"][CONFIG]}, 400, "missing_file", WEIGHTS),
-    ("dora", lambda c: c["dora"], 400, "unsupported_adapter", "use_dora"),
-    ("rank-too-large", lambda c: c["rank16"], 400, "rank_too_large", "limit of 8"),
-    ("not-lora", lambda c: c["ia3"], 400, "unsupported_adapter", "only LORA"),
+    ("dora", lambda c: c["dora"], 422, "unsupported_adapter", "use_dora"),
+    ("rank-too-large", lambda c: c["rank16"], 422, "rank_too_large", "limit of 8"),
+    ("not-lora", lambda c: c["ia3"], 422, "unsupported_adapter", "only LORA"),
     ("extra-tensor", lambda c: with_weights(c["good"], lambda t: t.__setitem__("base_model.model.lm_head.weight",
                                                                                torch.zeros(4, 4))),
      400, "unsupported_adapter", "unexpected tensor"),
@@ -164,7 +165,9 @@ CASES: list[tuple[str, Callable[[dict[str, Files]], Files], int, str, str]] = [
 
 
 def assert_no_residue(gw: LiveGateway) -> None:
-    assert gw.admin("GET", "/admin/adapters").json()["data"] == []
+    """A refused upload leaves at most a rejected record saying why, and no file, load or grant."""
+    records = gw.admin("GET", "/admin/adapters").json()["data"]
+    assert all(r["state"] == "rejected" and r["reason"] and r["sha256"] is None for r in records), records
     store = gw.ctx.settings.state_dir / "adapters"
     assert [p.name for p in store.iterdir()] == [".incoming"]
     assert list((store / ".incoming").iterdir()) == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import time
@@ -23,9 +24,9 @@ import pytest
 from safetensors.torch import load, save
 
 from gateway.openai.chat_completion.serving import prompt_token_bound
-from tests.gateway.conftest import ADMIN_KEY, LiveGateway, gateway_model_dir  # noqa: F401  (fixture)
+from tests.gateway.conftest import ADMIN_KEY, LiveGateway
 from tests.lifecycle.conftest import SameAsBaseJudge, adapter_files, lifecycle_settings, make_lora, running, upload, wait_state
-from tests.lifecycle.test_uploads import CASES, LIMITS, corpus  # noqa: F401  (the corpus fixture)
+from tests.lifecycle.test_uploads import CASES, LIMITS
 
 PROMPTS = ("Tell me about the sea.", "List three colours.")
 CHAT = "/v1/chat/completions"
@@ -41,7 +42,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory, gateway_model_dir: Path) -> Ite
         live.judge = judge
         live.loop = live.ctx.lifecycle._scheduler.get_loop()  # the server's event loop, for engine calls
         keys = {}
-        for name, spec in (("victim", {"adapters": []}), ("attacker", {"adapters": ["*"]}),
+        for name, spec in (("victim", {"adapters": []}), ("attacker", {"adapters": []}),
                            ("metered", {"adapters": [], "tpm": 200})):
             response = live.admin("POST", "/admin/tenants", json={"name": name, **spec})
             assert response.status_code == 201, response.text
@@ -87,7 +88,7 @@ def intact(gw: LiveGateway) -> None:
     store = gw.ctx.settings.state_dir / "adapters"
     assert list((store / ".incoming").iterdir()) == []
     stored = {p.name for p in store.iterdir() if p.name != ".incoming"}
-    referenced = {d["sha256"] for r in records if (d := gw.admin("GET", f"/admin/adapters/{r['name']}").json()).get("sha256")}
+    referenced = {r["sha256"] for r in records if r["sha256"]}
     assert stored <= referenced, (stored, referenced)
 
 
@@ -178,7 +179,7 @@ def test_what_is_served_is_the_config_the_gateway_wrote(gw, plain):
 # --- the archive and safetensors corpus, with the victim watched -------------------------------------
 
 @pytest.mark.parametrize(("files", "status", "code", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_the_upload_corpus_changes_nothing_for_others(gw, corpus, files, status, code, words):  # noqa: F811
+def test_the_upload_corpus_changes_nothing_for_others(gw, corpus, files, status, code, words):
     response = upload(gw, "corpus-case", files(corpus))
     err = error(response)
     assert (response.status_code, err["code"]) == (status, code) and words in err["message"], err
@@ -314,7 +315,8 @@ def test_recreating_a_tenant_or_changing_its_limit_keeps_its_window(gw, how):
 
 
 def test_a_request_larger_than_the_whole_limit_is_refused_at_once(gw):
-    response = chat(gw, gw.keys["metered"], greedy("tiny", "hi", 200 - prompt_token_bound([{"content": "hi"}]) + 1))
+    key = gw.admin("POST", "/admin/tenants", json={"name": "small-tpm", "tpm": 100}).json()["key"]
+    response = chat(gw, key, greedy("tiny", "hi", 100 - prompt_token_bound([{"content": "hi"}]) + 1))
     assert response.status_code == 429 and "Request too large" in error(response)["message"]
     assert "retry-after" not in response.headers
     intact(gw)
@@ -433,8 +435,6 @@ def test_a_failing_unload_keeps_the_adapter_held_back_and_is_retried(gw, gateway
     intact(gw)
 
 
-# --- 12: no open gateway by accident ----------------------------------------------------------------------
-
 def test_a_full_disk_during_an_upload_ends_rejected_and_frees_the_name(tmp_path, gateway_model_dir, plain):
     """The adapter store on a 1 MiB tmpfs filled to the last few KiB: the upload gets a 507 saying
     why, its record ends rejected, no partial file stays, and once there is room the same name uploads."""
@@ -446,13 +446,14 @@ def test_a_full_disk_during_an_upload_ends_rejected_and_frees_the_name(tmp_path,
     try:
         with running(lifecycle_settings(tmp_path / "state", gateway_model_dir, lifecycle=LIMITS), SameAsBaseJudge()) as live:
             filler = store / "filler"
-            with filler.open("wb") as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                        f.flush()
-                except OSError:
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, b"\0" * 4096):
                     pass
+            except OSError:  # ENOSPC: full
+                pass
+            finally:
+                os.close(fd)
             response = upload(live, "on-full-disk", plain)
             err = error(response)
             assert (response.status_code, err["code"]) == (507, "storage_error") and "No space left" in err["message"]
@@ -466,6 +467,8 @@ def test_a_full_disk_during_an_upload_ends_rejected_and_frees_the_name(tmp_path,
     finally:
         subprocess.run(["umount", "-l", str(store)], check=False)
 
+
+# --- 12: no open gateway by accident ----------------------------------------------------------------------
 
 def test_open_mode_refuses_a_public_host():
     from gateway.settings import load_settings
