@@ -185,3 +185,19 @@ def test_design_reference_exists_and_every_citation_points_at_it():
                     stale.append(str(path.relative_to(REPO)))
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "DESIGN.md" not in readme and not stale, stale
+
+
+def test_engine_error_kinds_documented_are_the_ones_the_code_counts():
+    """docs/observability.md's `kind` values of salora_engine_errors_total against every kind the
+    gateway's code raises or counts."""
+    code = set()
+    for path in (REPO / "gateway").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        code |= set(re.findall(r'kind="(\w+)"', text))
+        code |= set(re.findall(r'kind: str = "(\w+)"', text))  # EngineError's default
+        code |= set(re.findall(r'_on_error\("(\w+)"\)', text))
+        code |= set(re.findall(r'engine_errors\.labels\([^,()]+, "(\w+)"\)', text))
+    row = next(line for line in (REPO / "docs" / "observability.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("| `salora_engine_errors_total`"))
+    documented = set(re.findall(r"`(\w+)`", row.split("`kind`", 1)[1]))
+    assert documented == code, f"documented only: {sorted(documented - code)}; in the code only: {sorted(code - documented)}"
