@@ -50,24 +50,28 @@ def _export_peft(checkpoint: Path, meta: dict, out: Path) -> dict:
         for name in (PEFT_CONFIG, PEFT_WEIGHTS):
             shutil.copyfile(checkpoint / name, out / name)
         return {"rank": json.loads((out / PEFT_CONFIG).read_text())["r"]}
-    factors = salora_lora_factors(checkpoint, meta)
+    return {"rank": write_peft_adapter(salora_lora_factors(checkpoint, meta), meta["salora"]["target_modules"], meta["base_model_id"], out)}
+
+
+def write_peft_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], target_modules: list[str], base_id: str | None, out: Path) -> int:
+    """A standard PEFT LoRA directory from exact (lora_A, lora_B) per module path; returns its rank."""
     rank = next(iter(factors.values()))[0].shape[0]
     tensors = {}
     for name, (lora_A, lora_B) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.contiguous()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().float().cpu().contiguous()
     save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
     # lora_alpha == r makes PEFT's own scale 1: the factors already carry s.
     LoraConfig(
         r=rank,
         lora_alpha=rank,
-        target_modules=meta["salora"]["target_modules"],
+        target_modules=list(target_modules),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=meta["base_model_id"],
+        base_model_name_or_path=base_id,
     ).save_pretrained(out)
-    return {"rank": rank}
+    return rank
 
 
 def _export_merged(checkpoint: Path, meta: dict, out: Path, model_spec: str | None, device, dtype) -> dict:
@@ -109,7 +113,7 @@ def export(
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
     elif device is not None or dtype is not None:
-        raise SaLoRAError("--device and --dtype apply to --format merged only (a PEFT export loads no model)")
+        raise SaLoRAError(f"{'--dtype' if dtype is not None else '--device'} applies to --format merged only (a PEFT export loads no model)")
     checkpoint, out = Path(checkpoint), Path(out)
     check_output_dir(out)
     meta = read_checkpoint(checkpoint)

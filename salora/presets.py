@@ -45,6 +45,8 @@ def _show(value: Any, key: str = "") -> str:
         return "equal to --rank" if key == "alpha" else "off"
     if isinstance(value, (list, tuple)):
         return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
     return str(value)
 
 
@@ -66,11 +68,13 @@ def resolve(command: str, preset: str | None, given: dict[str, Any], context: di
     for key, value in given.items():
         if value is None:
             continue
-        if key in values and not _agrees(key, value, values[key], context or {}):
-            raise SaLoRAError(
-                f"{flag(key)} {_show(value)} contradicts --preset {preset}, which sets {flag(key)} {_show(values[key], key)}; "
-                f"drop one of them"
-            )
+        if key in values:
+            if not _agrees(key, value, values[key], context or {}):
+                raise SaLoRAError(
+                    f"{flag(key)} {_show(value)} contradicts --preset {preset}, which sets {flag(key)} {_show(values[key], key)}; "
+                    f"drop one of them"
+                )
+            continue  # agrees: the preset's own form is recorded (alpha None, the canonical module order)
         values[key] = value
     for key, default in DEFAULTS[command].items():
         values.setdefault(key, default)
