@@ -97,6 +97,11 @@ def invalid_body(errors: Sequence[Any]) -> APIError:
     """A 400 naming the first problem pydantic found in a request body."""
     err = errors[0]
     loc = [str(p) for p in err["loc"] if p != "body"]
+    if err["type"] == "extra_forbidden":  # OpenAI's words for an argument it does not have
+        return bad_request(f"Unrecognized request argument supplied: {'.'.join(loc)}", param=loc[0],
+                           code="unsupported_parameter")
+    if err["type"] == "unsupported":
+        return bad_request(err["msg"], param=err["ctx"]["field"], code="unsupported_parameter")
     return bad_request(err["msg"] + (f" (at {'.'.join(loc)})" if loc else ""), param=loc[0] if loc else None)
 
 

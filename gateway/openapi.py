@@ -22,8 +22,10 @@ from pydantic.json_schema import models_json_schema
 
 from gateway.auth import require_admin, require_tenant
 from gateway.errors import STATUS_DESCRIPTIONS, ErrorResponse
+from gateway.openai.chat_completion.api_router import COMPLETIONS_PATH
 from gateway.openai.chat_completion.api_router import PATH as CHAT_PATH
 from gateway.openai.chat_completion.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from gateway.openai.completion.protocol import Completion, CompletionRequest
 
 REF = "#/components/schemas/{model}"
 SECURITY = "bearer"
@@ -42,22 +44,23 @@ def _event_schema(chunk: dict[str, str]) -> dict[str, Any]:
             "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
 
 
-def _chat_operation() -> dict[str, Any]:
-    ref = {model: {"$ref": REF.format(model=model.__name__)}
-           for model in (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk)}
+def _generation_operation(request: type[BaseModel], answer: type[BaseModel], chunk: type[BaseModel], summary: str,
+                          operation_id: str) -> dict[str, Any]:
+    ref = {model: {"$ref": REF.format(model=model.__name__)} for model in (request, answer, chunk)}
     return {
-        "summary": "Create a chat completion",
+        "summary": summary,
         "description": "`model` is the base model's id or an adapter the key may call. With `stream` the answer "
-                       "is server-sent events, each `data:` a ChatCompletionChunk, ending with `data: [DONE]`.",
-        "operationId": "create_chat_completion",
-        "requestBody": {"required": True, "content": {"application/json": {"schema": ref[ChatCompletionRequest]}}},
+                       f"is server-sent events, each `data:` a {chunk.__name__}, ending with `data: [DONE]`.",
+        "operationId": operation_id,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref[request]}}},
         "responses": {
             "200": {"description": "The answer", "content": {
-                "application/json": {"schema": ref[ChatCompletion]},
-                "text/event-stream": {"schema": _event_schema(ref[ChatCompletionChunk])},
+                "application/json": {"schema": ref[answer]},
+                "text/event-stream": {"schema": _event_schema(ref[chunk])},
             }},
             **_error_responses([400, 401, 404, 413, 429, 503]),
         },
+        "security": [{SECURITY: []}],
     }
 
 
@@ -99,11 +102,14 @@ def _complete_operations(app: FastAPI, schema: dict[str, Any]) -> None:
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     _add_schemas(schema, [(ErrorResponse, "serialization"), (ChatCompletionRequest, "validation"),
-                          (ChatCompletion, "serialization"), (ChatCompletionChunk, "serialization")])
+                          (ChatCompletion, "serialization"), (ChatCompletionChunk, "serialization"),
+                          (CompletionRequest, "validation"), (Completion, "serialization")])
     _complete_operations(app, schema)
-    chat = _chat_operation()
-    chat["security"] = [{SECURITY: []}]
-    schema["paths"] = {CHAT_PATH: {"post": chat}, **schema["paths"]}
+    chat = _generation_operation(ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, "Create a chat completion",
+                                 "create_chat_completion")
+    legacy = _generation_operation(CompletionRequest, Completion, Completion, "Create a completion (legacy prompt API)",
+                                   "create_completion")
+    schema["paths"] = {CHAT_PATH: {"post": chat}, COMPLETIONS_PATH: {"post": legacy}, **schema["paths"]}
     schema["components"]["securitySchemes"] = {SECURITY: {"type": "http", "scheme": "bearer"}}
     return schema
 

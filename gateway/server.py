@@ -49,7 +49,7 @@ def uvicorn_config(app: ASGIApp, settings: Settings, **kwargs: Any) -> uvicorn.C
 
 
 def serve(settings: Settings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     drain = Drain(create_app(settings), settings.shutdown_timeout_s)
     # No access log: a line per request was a third of the HTTP layer's CPU per request
     # (docs/performance.md), and salora_requests_total already counts every request.

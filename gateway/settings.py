@@ -8,7 +8,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -127,6 +127,7 @@ class Settings(BaseSettings):
     lifecycle: LifecycleConfig = LifecycleConfig()  # adapter uploads, re-probes (docs/lifecycle.md)
     canary: CanaryConfig = CanaryConfig()  # the safety gate every uploaded adapter passes (docs/lifecycle.md)
     timeouts: Timeouts = Timeouts()  # per generation, every engine (docs/gateway.md, "Failure handling")
+    request_log: Literal["off", "text", "json"] = "off"  # one log line per chat request (docs/gateway.md)
     shutdown_timeout_s: float = Field(default=25.0, ge=0)  # SIGTERM: how long requests in flight may still run
 
     @field_validator("model")

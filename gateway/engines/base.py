@@ -12,9 +12,10 @@ from salora.chat import Messages
 
 @dataclass(slots=True)
 class GenerationRequest:
-    """One chat completion. `adapter` None means the base model; `temperature` 0 means greedy.
+    """One completion. `adapter` None means the base model; `temperature` 0 means greedy.
     `stream` False says the caller only wants the whole answer, so an engine behind HTTP may fetch it
-    in one response (and retry it elsewhere) instead of streaming it."""
+    in one response (and retry it elsewhere) instead of streaming it. `prompt` (the legacy
+    completions API) is raw text continued as it is, with no chat template; then `messages` is empty."""
 
     messages: Messages
     adapter: str | None = None
@@ -24,6 +25,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     stream: bool = True
+    prompt: str | None = None
 
 
 @dataclass(slots=True)

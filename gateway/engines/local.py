@@ -352,9 +352,12 @@ class LocalEngine:
         if request.adapter is not None:
             row.peft = _peft_name(request.adapter)
         try:
-            row.prompt = self._tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+            if request.prompt is not None:  # the legacy completions API: the text as it is, as vLLM takes it
+                row.prompt = self._tokenizer.encode(request.prompt)
+            else:
+                row.prompt = self._tokenizer.apply_chat_template(
+                    request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
         except Exception as e:  # a template that rejects this conversation (e.g. role order)
             row.send(RequestRejected(f"cannot apply the chat template: {e}", param="messages"))
             return False

@@ -19,12 +19,20 @@ JSON_HEADERS = {"content-type": "application/json"}
 _CONTEXT_WORDS = ("maximum context length", "max_model_len")  # how vLLM words a request too long for the model
 
 
-def chat_body(request: GenerationRequest, model: str) -> bytes:
-    """The upstream request for `request`, addressed to the upstream's `model` (its base model's served
-    name, or an adapter's `lora_name`)."""
+CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
+
+
+def upstream_path(request: GenerationRequest) -> str:
+    return CHAT_PATH if request.prompt is None else COMPLETIONS_PATH
+
+
+def request_body(request: GenerationRequest, model: str) -> bytes:
+    """The upstream request for `request` (a chat, or a raw prompt for its completions endpoint),
+    addressed to the upstream's `model` (its base model's served name, or an adapter's `lora_name`)."""
+    text: dict[str, Any] = {"messages": request.messages} if request.prompt is None else {"prompt": request.prompt}
     body: dict[str, Any] = {
         "model": model,
-        "messages": request.messages,
+        **text,
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
         "top_p": request.top_p,
@@ -75,14 +83,16 @@ def parse_completion(content: bytes) -> Chunk:
         obj = json.loads(content)
         choice = obj["choices"][0]
         usage = obj.get("usage") or {}
-        return Chunk(choice["message"].get("content") or "", choice.get("finish_reason") or "stop",
+        text = choice["message"].get("content") if "message" in choice else choice["text"]
+        return Chunk(text or "", choice.get("finish_reason") or "stop",
                      usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise EngineError(f"the upstream sent a malformed answer ({e!r})", kind="upstream") from e
 
 
 async def stream_chunks(lines: AsyncIterator[str]) -> AsyncIterator[Chunk]:
-    """Server-sent events of an upstream stream as chunks: one per non-empty content delta, then a
+    """Server-sent events of an upstream stream (chat deltas, or completions' text) as chunks: one per
+    non-empty delta, then a
     final empty chunk with the finish reason and the usage (sent by the upstream after the finish)."""
     finish: str | None = None
     prompt_tokens = completion_tokens = 0
@@ -102,7 +112,7 @@ async def stream_chunks(lines: AsyncIterator[str]) -> AsyncIterator[Chunk]:
         if usage:
             prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         for choice in event.get("choices") or ():
-            text = (choice.get("delta") or {}).get("content")
+            text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
             if text:
                 yield Chunk(text)
             if choice.get("finish_reason"):

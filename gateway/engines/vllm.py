@@ -44,14 +44,21 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
-from gateway.engines.upstream import JSON_HEADERS, chat_body, error_message, parse_completion, rejected, stream_chunks
+from gateway.engines.upstream import (
+    JSON_HEADERS,
+    error_message,
+    parse_completion,
+    rejected,
+    request_body,
+    stream_chunks,
+    upstream_path,
+)
 from gateway.settings import Timeouts, VLLMConfig
 from salora.models import linear_modules, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
 PROBE = "salora-volume-probe"  # the probe adapter's name in vLLM and its directory under adapter_dir
-CHAT_PATH = "/v1/chat/completions"
 
 
 @dataclass(eq=False)
@@ -190,7 +197,7 @@ class VLLMEngine:
             raise EngineError(self.error or f"no replica of the {self.name} engine is up yet")
         if adapter is not None and adapter not in self._names:
             raise EngineError(f"adapter {adapter!r} is not loaded")
-        body = chat_body(request, adapter or self._model or "")
+        body, path = request_body(request, adapter or self._model or ""), upstream_path(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeouts.total_s
         tried: set[Replica] = set()
@@ -201,7 +208,7 @@ class VLLMEngine:
             attempts += 1
             sent = False
             try:
-                async with self._chat_session().post(replica.url + CHAT_PATH, data=body, headers=JSON_HEADERS,
+                async with self._chat_session().post(replica.url + path, data=body, headers=JSON_HEADERS,
                                                      timeout=self._attempt_timeout(deadline - loop.time())) as response:
                     if response.status != 200:
                         retry = self._refused(replica, adapter, response.status, await response.read(), failures)

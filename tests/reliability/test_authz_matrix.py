@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi.routing import iter_route_contexts
 
+from gateway.openai.chat_completion.api_router import COMPLETIONS_PATH
 from gateway.openai.chat_completion.api_router import PATH as CHAT_PATH
 from tests.gateway.conftest import (  # noqa: F401  (fixtures)
     ADMIN_KEY,
@@ -137,6 +138,8 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("GET", "/docs/oauth2-redirect"): Endpoint("public", lambda gw: Call("GET", "/docs/oauth2-redirect")),
     ("GET", "/redoc"): Endpoint("public", lambda gw: Call("GET", "/redoc")),
     ("POST", CHAT_PATH): Endpoint("tenant-model", _chat),
+    ("POST", COMPLETIONS_PATH): Endpoint("tenant-model", lambda gw: Call("POST", COMPLETIONS_PATH, json={
+        "model": "alpha", "prompt": "hi", "max_tokens": 2})),
     ("GET", "/v1/models"): Endpoint("tenant", _models),
     ("GET", "/v1/models/{model}"): Endpoint("tenant-model", lambda gw: Call("GET", "/v1/models/alpha")),
     ("GET", "/admin/tenants"): Endpoint("admin", lambda gw: Call("GET", "/admin/tenants")),
@@ -200,7 +203,7 @@ def app_endpoints(gw: LiveGateway) -> set[tuple[str, str]]:
     """Every (method, path) the app answers: FastAPI's routes, and the raw ASGI chat route."""
     found = {(method, route.path_format) for route in iter_route_contexts(gw.app.routes)
              for method in route.methods or () if method != "HEAD"}
-    return found | {("POST", CHAT_PATH)}
+    return found | {("POST", CHAT_PATH), ("POST", COMPLETIONS_PATH)}
 
 
 def test_every_endpoint_is_classified(gw: LiveGateway):

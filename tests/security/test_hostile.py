@@ -49,7 +49,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, gateway_model_dir: Path) -> Ite
             keys[name] = response.json()["key"]
         live.keys = keys
         own = make_lora(gateway_model_dir, tmp_path_factory.mktemp("own"), std=0.0)  # passes the canary
-        assert upload(live, "own", adapter_files(own), tenants=("victim",)).status_code == 202
+        uploaded = upload(live, "own", adapter_files(own), tenants=("victim",))
+        assert uploaded.status_code == 202 and uploaded.json()["callers"] == ["victim"]  # who can call it, said up front
         assert wait_state(live, "own")["state"] == "live"
         live.baseline = victim_answers(live)
         yield live
@@ -163,7 +164,8 @@ def test_what_is_served_is_the_config_the_gateway_wrote(gw, plain):
     """A harmless upload with every informational key PEFT writes: the stored config is canonical."""
     files = with_config(plain, auto_mapping={"base_model_class": "Evil", "parent_library": "os"},
                         base_model_name_or_path="/etc", revision="x", inference_mode=False, lora_dropout=0.5)
-    assert upload(gw, "canonical", files).status_code == 202
+    response = upload(gw, "canonical", files)
+    assert response.status_code == 202 and response.json()["callers"] == []  # granted to nobody, no tenant has "*"
     detail = wait_state(gw, "canonical")
     stored = gw.ctx.settings.state_dir / "adapters" / detail["sha256"]
     config = json.loads((stored / CONFIG).read_text())

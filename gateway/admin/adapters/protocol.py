@@ -40,7 +40,9 @@ class AdapterInfo(BaseModel):
     rank: int | None
     target_modules: list[str]
     size_bytes: int | None
-    tenants: list[str]
+    tenants: list[str] = Field(description="the tenants the upload granted it to")
+    callers: list[str] = Field(description="every tenant that can call it while it is live: those granted it, and "
+                               "those allowed every adapter (\"*\")")
     base_model: str
     reason: str | None = Field(description="why it is in its state (a rejection's failed criteria, a retirement)")
     flagged: str | None = Field(description="a live adapter that failed a re-probe: the failed criteria")
@@ -49,10 +51,11 @@ class AdapterInfo(BaseModel):
     canary: CanarySummary | None = Field(description="the latest canary run")
 
     @classmethod
-    def of(cls, record: AdapterRecord, serving: bool, running: bool, last: CanaryRun | None) -> AdapterInfo:
+    def of(cls, record: AdapterRecord, serving: bool, running: bool, last: CanaryRun | None,
+           callers: list[str]) -> AdapterInfo:
         return cls(id=record.id, name=record.name, state=record.state.value, serving=serving, canary_running=running,
                    source=record.source, sha256=record.sha256, rank=record.rank, target_modules=record.target_modules,
-                   size_bytes=record.size_bytes, tenants=record.tenants, base_model=record.base_model,
+                   size_bytes=record.size_bytes, tenants=record.tenants, callers=callers, base_model=record.base_model,
                    reason=record.reason, flagged=record.flagged, created_at=record.created_at,
                    updated_at=record.updated_at, canary=CanarySummary.of(last) if last else None)
 

@@ -1,4 +1,5 @@
-"""`POST /v1/chat/completions`, answered by a raw ASGI middleware in front of FastAPI's routing.
+"""`POST /v1/chat/completions` (and the legacy `POST /v1/completions`), answered by a raw ASGI
+middleware in front of FastAPI's routing.
 
 Why not a FastAPI route: on the hot path FastAPI's exception middleware, exit stack, route matching
 and dependency solving were a third of the HTTP layer's CPU per request (docs/performance.md), and
@@ -13,18 +14,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import APIError
 from gateway.openai.chat_completion.serving import ChatServing
+from gateway.openai.completion.serving import CompletionServing
 
 PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"  # the legacy prompt API, served the same way
+SERVING: dict[str, type[ChatServing]] = {PATH: ChatServing, COMPLETIONS_PATH: CompletionServing}
 
 
 class ChatCompletionsRoute:
-    """Add with `app.add_middleware(ChatCompletionsRoute)`; the app's `state.context` must be set."""
+    """Add with `app.add_middleware(ChatCompletionsRoute)`; the app's `state.context` must be set.
+    Answers `POST /v1/chat/completions` and `POST /v1/completions`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"][len(scope.get("root_path", "")):] != PATH:
+        serving = SERVING.get(scope["path"][len(scope.get("root_path", "")):]) if scope["type"] == "http" else None
+        if serving is None:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":
@@ -32,7 +38,7 @@ class ChatCompletionsRoute:
         else:
             request = Request(scope, receive, send)
             try:
-                response = await ChatServing(request.app.state.context).create(request)
+                response = await serving(request.app.state.context).create(request)
             except APIError as e:
                 response = e.response()
         await response(scope, receive, send)

@@ -1,6 +1,8 @@
-"""The subset of OpenAI's chat completion API the gateway serves. Unknown request fields are ignored
-(clients send many optional ones); known fields with values it cannot honour are a 400. Fields are
-strict (no "5" for 5, no 1 for true), as in OpenAI's API, so the published schema is exactly what is
+"""The subset of OpenAI's chat completion API the gateway serves. A field it accepts, it honours;
+any other field is a 400 naming it (OpenAI's own API refuses unknown arguments too), except that an
+OpenAI field the gateway does not implement may be sent at its "off" value (null, false, 0, empty),
+as some clients always send `logprobs: false` or `tools: []`. docs/api.md lists every field. Fields
+are strict (no "5" for 5, no 1 for true), as in OpenAI's API, so the published schema is exactly what is
 accepted. The response models document what the route writes (it builds its JSON by hand on the hot
 path) and give /openapi.json its schemas (gateway/openapi.py)."""
 
@@ -8,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 Stops = Annotated[list[NonEmpty], Field(max_length=4)]
@@ -16,14 +19,14 @@ INT64 = 1 << 63
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
@@ -35,13 +38,34 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     include_usage: bool = False
 
 
+# OpenAI request fields this gateway does not implement: refused unless sent at their "off" value.
+UNSUPPORTED = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+               "functions", "function_call", "frequency_penalty", "presence_penalty", "logit_bias", "audio",
+               "modalities", "prediction", "reasoning_effort", "web_search_options", "service_tier", "store",
+               "metadata", "verbosity", "prompt_cache_key", "safety_identifier")
+OFF = (None, False, 0, 0.0, [], {}, "")
+
+
+def refuse_unsupported(data: object, unsupported: tuple[str, ...], off: tuple[object, ...]) -> object:
+    """Drop the unimplemented OpenAI fields sent at their "off" value; any other value of them is an
+    error naming the field (as is any field OpenAI's API does not have, through extra="forbid")."""
+    if isinstance(data, dict):
+        for name in unsupported:
+            if name in data:
+                if data[name] not in off or data[name] is True:
+                    raise PydanticCustomError("unsupported", "`{field}` is not supported by this gateway (docs/api.md)",
+                                              {"field": name})
+                data = {k: v for k, v in data.items() if k != name}
+    return data
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -54,6 +78,12 @@ class ChatCompletionRequest(BaseModel):
     n: Literal[1] | None = None  # one choice per request
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)  # the end user, written to the request log
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_off(cls, data: object) -> object:
+        return refuse_unsupported(data, UNSUPPORTED, OFF)
 
     @field_validator("stop", mode="before", json_schema_input_type=NonEmpty | Stops | None)
     @classmethod

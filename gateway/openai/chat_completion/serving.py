@@ -13,13 +13,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from anyio import to_thread
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
 
@@ -39,6 +39,8 @@ from gateway.errors import (
 from gateway.metrics import OTHER
 from gateway.openai.chat_completion.protocol import ChatCompletionRequest
 from gateway.ratelimit import Limited, Reservation
+from gateway.request_id import request_id
+from gateway.request_log import log_request
 from gateway.tenants import Tenant
 from salora.chat import prompt_text
 
@@ -76,8 +78,10 @@ class _Answer:
     prompt: str
     started: float
     reservation: Reservation
+    request_id: str = ""
+    user: str | None = None
     ttft: float = 0.0
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
@@ -111,6 +115,10 @@ class _Answer:
         m.tokens.labels(tenant, model, "completion").inc(self.completion_tokens)
         if self.status == "200":  # exact counts; a failed or abandoned answer keeps its whole reservation
             self.reservation.settle(self.prompt_tokens + self.completion_tokens)
+        style = self.ctx.settings.request_log
+        if style != "off":
+            log_request(style, self.request_id, tenant, model, self.status, self.prompt_tokens,
+                        self.completion_tokens, time.perf_counter() - self.started, self.user)
         if self.status == "200":
             if getattr(self.ctx.judge, "blocking", True):
                 self.ctx.spawn(self._judge())
@@ -170,6 +178,13 @@ async def _disconnected(request: Request) -> None:
 
 
 class ChatServing:
+    """The chat API. `CompletionServing` (gateway/openai/completion/serving.py) reuses every step
+    (auth, limits, admission, engine, accounting) and changes only the request and answer shapes."""
+
+    request_model: type[BaseModel] = ChatCompletionRequest
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
@@ -180,7 +195,7 @@ class ChatServing:
             tenant = authenticate(ctx, request)
             tenant_label = tenant.name
             try:
-                body = ChatCompletionRequest.model_validate_json(await _read_body(request, ctx.settings.limits.max_body_bytes))
+                body = self.request_model.model_validate_json(await _read_body(request, ctx.settings.limits.max_body_bytes))
             except ValidationError as e:
                 raise invalid_body(e.errors()) from None
             if not ctx.engine.ready:
@@ -189,7 +204,7 @@ class ChatServing:
             adapter_label = body.model
             release = self._stream_slot(tenant) if body.stream else _nothing
             try:
-                admitted = ctx.limiter.admit(tenant, prompt_token_bound(generation.messages) + generation.max_tokens)
+                admitted = ctx.limiter.admit(tenant, self._prompt_bound(generation) + generation.max_tokens)
                 headers = self._limit_headers(tenant)
                 if isinstance(admitted, Limited):
                     error = rate_limited(admitted)
@@ -210,9 +225,13 @@ class ChatServing:
                 raise
         except APIError as e:
             ctx.metrics.requests.labels(tenant_label, adapter_label, str(e.status)).inc()
+            if ctx.settings.request_log != "off":
+                log_request(ctx.settings.request_log, request_id(request.scope), tenant_label, adapter_label,
+                            str(e.status), 0, 0, time.perf_counter() - started, None)
             raise
-        answer = _Answer(ctx, tenant, body.model, prompt_text(generation.messages), started, admitted,
-                         ttft=time.perf_counter() - started)
+        answer = _Answer(ctx, tenant, body.model, self._judged_prompt(generation), started, admitted,
+                         request_id(request.scope), body.user, ttft=time.perf_counter() - started,
+                         id=f"{self.id_prefix}{uuid.uuid4().hex}")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _EventStream(self._events(answer, first, stream, include_usage), release, headers=headers,
@@ -237,7 +256,23 @@ class ChatServing:
             raise too_many_streams(limit)
         return release
 
-    def _generation_request(self, body: ChatCompletionRequest, tenant: Tenant) -> GenerationRequest:
+    def _inputs(self, body: Any) -> GenerationRequest:
+        """The request's text: its messages, content guarded (gateway/control_tokens.py)."""
+        limits = self.ctx.settings.limits
+        if len(body.messages) > limits.max_messages:
+            raise bad_request(f"{len(body.messages)} messages; this gateway allows at most {limits.max_messages}.",
+                              param="messages", code="too_many_messages")
+        return GenerationRequest(messages=self.ctx.content_guard.messages([m.as_dict() for m in body.messages]))
+
+    @staticmethod
+    def _prompt_bound(generation: GenerationRequest) -> int:
+        return prompt_token_bound(generation.messages)
+
+    @staticmethod
+    def _judged_prompt(generation: GenerationRequest) -> str:
+        return prompt_text(generation.messages)
+
+    def _generation_request(self, body: Any, tenant: Tenant) -> GenerationRequest:
         engine, limits = self.ctx.engine, self.ctx.settings.limits
         if body.model == engine.model_id:
             adapter = None
@@ -245,17 +280,15 @@ class ChatServing:
             adapter = body.model
         else:
             raise model_not_found(body.model)
-        if len(body.messages) > limits.max_messages:
-            raise bad_request(f"{len(body.messages)} messages; this gateway allows at most {limits.max_messages}.",
-                              param="messages", code="too_many_messages")
+        generation = self._inputs(body)
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
             raise bad_request(f"{param} is {max_tokens}; this gateway allows at most {limits.max_tokens}.",
                               param=param, code="max_tokens_exceeded")
         temperature = 1.0 if body.temperature is None else body.temperature
-        return GenerationRequest(
-            messages=self.ctx.content_guard.messages([m.as_dict() for m in body.messages]),
+        return replace(
+            generation,
             adapter=adapter,
             max_tokens=max_tokens,
             temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
@@ -264,6 +297,21 @@ class ChatServing:
             seed=body.seed,
             stream=bool(body.stream),
         )
+
+    @staticmethod
+    def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    @staticmethod
+    def _first_delta() -> dict[str, str] | None:
+        """What a stream's first event carries before any text (the chat API's role)."""
+        return {"role": "assistant", "content": ""}
+
+    @staticmethod
+    def _delta(text: str | None) -> str:
+        """The JSON of a streamed event's choice up to its `logprobs` (text None: the final event)."""
+        return f'"delta":{_dumps({} if text is None else {"content": text})}'
 
     async def _complete(self, request: Request, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
                         headers: dict[str, str]) -> Response:
@@ -292,33 +340,33 @@ class ChatServing:
         if error is not None:
             raise error
         body = {
-            "id": answer.id, "object": "chat.completion", "created": answer.created, "model": answer.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(answer.parts)},
-                         "logprobs": None, "finish_reason": answer.finish_reason}],
-            "usage": answer.usage,
+            "id": answer.id, "object": self.object, "created": answer.created, "model": answer.model,
+            "choices": [self._choice("".join(answer.parts), answer.finish_reason)], "usage": answer.usage,
         }
         return JSONResponse(body, headers=headers, background=BackgroundTask(answer.record))
 
     async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
                       include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        head = {"id": answer.id, "object": "chat.completion.chunk", "created": answer.created, "model": answer.model}
+        head = {"id": answer.id, "object": self.chunk_object, "created": answer.created, "model": answer.model}
         # Everything around the delta is the same in every event: serialised once per stream, not per token.
-        prefix = f'data: {_dumps(head)[:-1]},"choices":[{{"index":0,"delta":'
+        prefix = f'data: {_dumps(head)[:-1]},"choices":[{{"index":0,'
         suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
 
-        def event(delta: dict[str, str], finish_reason: str | None = None) -> str:
-            return f'{prefix}{_dumps(delta)},"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{suffix}'
+        def event(delta: str, finish_reason: str | None = None) -> str:
+            return f'{prefix}{delta},"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{suffix}'
 
         async with aclosing(stream):  # type: ignore[type-var]
-            yield event({"role": "assistant", "content": ""})
+            opening = self._first_delta()
+            if opening is not None:
+                yield event(f'"delta":{_dumps(opening)}')
             chunk = first
             while True:
                 answer.add(chunk)
                 if chunk.text:
-                    yield event({"content": chunk.text})
+                    yield event(self._delta(chunk.text))
                 if chunk.finish_reason is not None:
-                    yield event({}, chunk.finish_reason)
+                    yield event(self._delta(None), chunk.finish_reason)
                     break
                 try:
                     chunk = await anext(stream)

@@ -1,0 +1,42 @@
+"""`POST /v1/completions`: the chat route's every step (gateway/openai/chat_completion/serving.py),
+with a raw prompt in and text choices out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gateway.engines.base import GenerationRequest
+from gateway.openai.chat_completion.serving import ChatServing
+from gateway.openai.completion.protocol import CompletionRequest
+
+
+class CompletionServing(ChatServing):
+    request_model = CompletionRequest
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def _inputs(self, body: Any) -> GenerationRequest:
+        return GenerationRequest(messages=[], prompt=body.text)
+
+    @staticmethod
+    def _prompt_bound(generation: GenerationRequest) -> int:
+        assert generation.prompt is not None
+        return len(generation.prompt.encode()) + 2  # no template: its bytes, and a BOS token some tokenizers add
+
+    @staticmethod
+    def _judged_prompt(generation: GenerationRequest) -> str:
+        assert generation.prompt is not None
+        return generation.prompt
+
+    @staticmethod
+    def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    @staticmethod
+    def _first_delta() -> None:
+        return None
+
+    @staticmethod
+    def _delta(text: str | None) -> str:
+        return f'"text":{json.dumps(text or "", ensure_ascii=False)}'
