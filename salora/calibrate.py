@@ -99,6 +99,24 @@ def top_directions(M: torch.Tensor, rank: int | None = None, energy: float | Non
     return eigvecs[:, :rank].to(torch.float32).contiguous(), captured
 
 
+def wide_output_directions(W: torch.Tensor, moments: Moments, rank: int | None, energy: float | None) -> tuple[torch.Tensor, float]:
+    """`top_directions(W M W^T / n)` for a module wider out than in (gate/up: d_out 11008 > d_in 4096
+    in Llama-7B) without the d_out x d_out eigenproblem: with M = Q diag(l) Q^T, the eigenvectors of
+    W M W^T are the left singular vectors of K = W Q diag(sqrt l) (d_out x d_in), its eigenvalues
+    their squared singular values. About (d_out / d_in)^3 times cheaper, and exact."""
+    lam, Q = torch.linalg.eigh((moments.xtx + moments.xtx.T) / 2 / max(moments.tokens, 1))
+    K = W.detach().double() @ (Q * lam.clamp_min(0).sqrt())
+    U, S, _ = torch.linalg.svd(K, full_matrices=False)
+    eigvals = S**2  # descending
+    total = eigvals.sum().item()
+    if energy is not None:
+        cumulative = eigvals.cumsum(0) / total if total > 0 else torch.ones_like(eigvals)
+        rank = int((cumulative < energy).sum().item()) + 1
+    rank = min(rank or 1, U.shape[1])
+    captured = eigvals[:rank].sum().item() / total if total > 0 else 0.0
+    return U[:, :rank].to(torch.float32).contiguous(), captured
+
+
 def module_bases(
     modules: dict[str, nn.Linear],
     moments: dict[str, Moments],
@@ -255,10 +273,14 @@ def stream_bases(
     def finish(names: list[str]) -> None:
         acc, con = accumulators["safety"], accumulators.get("contrast")
         for name in names:
-            M = output_second_moment(modules[name].weight, acc.moment(name, "resp"))
-            if con is not None:
-                M = M - output_second_moment(modules[name].weight, con.moment(name, "resp"))
-            basis, captured[name] = top_directions(M, None if energy else rank, energy)
+            W = modules[name].weight
+            if con is None and W.shape[0] > W.shape[1]:
+                basis, captured[name] = wide_output_directions(W, acc.moment(name, "resp"), None if energy else rank, energy)
+            else:
+                M = output_second_moment(W, acc.moment(name, "resp"))
+                if con is not None:
+                    M = M - output_second_moment(W, con.moment(name, "resp"))
+                basis, captured[name] = top_directions(M, None if energy else rank, energy)
             V[name] = basis.cpu()
         if input_energy is not None:
             by_owner: dict[str, torch.Tensor] = {}
