@@ -153,3 +153,25 @@ def test_resume_refuses_changed_options_and_a_run_killed_before_any_checkpoint_r
     (partial / TRAIN_LOG).write_text("")
     assert main([*args[:-4], "--out", str(tmp_path / "other")]) == 0
     assert (tmp_path / "other" / SALORA_WEIGHTS).is_file() and not partial.exists()
+
+
+@pytest.mark.parametrize("method", ["salora", "lora"])
+def test_gradient_checkpointing_recomputes_the_layers_in_backward(method, base, chat_files):
+    """Checkpointing is really on: each adapted layer's forward runs twice per micro-batch (forward
+    and recomputation), once without it."""
+    from salora.chat import read_chat_jsonl
+    from salora.distributed import World
+    from salora.train import _Run
+
+    calls = {}
+    for checkpointing in (False, True):
+        opts = TrainOptions(out="unused", method=method, rank=4, max_steps=1, batch_size=4, device="cpu", dtype="float32",
+                            gradient_checkpointing=checkpointing, **base)
+        run = _Run(opts, World(), torch.device("cpu"), torch.float32, read_chat_jsonl(chat_files["task"]))
+        layer = next(m for n, m in run.model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+        count = [0]
+        layer.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        run.model.train()  # as the loop does; checkpointing acts in training mode only
+        run.step(0)
+        calls[checkpointing] = count[0]
+    assert calls == {False: 1, True: 2}
