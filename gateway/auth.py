@@ -37,3 +37,15 @@ async def require_admin(request: Request, ctx: Context = Depends(context)) -> No
     key = bearer_key(request)
     if key is None or not hmac.compare_digest(hash_key(key), ctx.admin_key_sha256):
         raise invalid_api_key()
+
+
+async def require_metrics_reader(request: Request, ctx: Context = Depends(context)) -> None:
+    """`/metrics` names tenants and adapters: with an admin key set it takes `metrics_key` (what
+    Prometheus is given) or the admin key. Open when the gateway has no admin key (nothing is)."""
+    allowed = [h for h in (ctx.metrics_key_sha256, ctx.admin_key_sha256) if h]
+    if not allowed:
+        return
+    key = bearer_key(request)
+    digest = hash_key(key) if key else ""
+    if not any(hmac.compare_digest(digest, h) for h in allowed):
+        raise invalid_api_key()

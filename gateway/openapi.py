@@ -20,7 +20,7 @@ from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gateway.auth import require_admin, require_tenant
+from gateway.auth import require_admin, require_metrics_reader, require_tenant
 from gateway.errors import STATUS_DESCRIPTIONS, ErrorResponse
 from gateway.openai.chat_completion.api_router import COMPLETIONS_PATH
 from gateway.openai.chat_completion.api_router import PATH as CHAT_PATH
@@ -74,7 +74,7 @@ def _add_schemas(schema: dict[str, Any], models: list[tuple[type[BaseModel], str
 
 def _authenticated(dependant: Dependant) -> bool:
     """Whether the route (or a dependency of it, at any depth) checks a key."""
-    return dependant.call in (require_admin, require_tenant) or any(map(_authenticated, dependant.dependencies))
+    return dependant.call in (require_admin, require_tenant, require_metrics_reader) or any(map(_authenticated, dependant.dependencies))
 
 
 def _complete_operations(app: FastAPI, schema: dict[str, Any]) -> None:

@@ -4,17 +4,13 @@ bearer token: `metrics_key` (what Prometheus is given) or the admin key."""
 
 from __future__ import annotations
 
-import hmac
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from gateway.auth import bearer_key
+from gateway.auth import require_metrics_reader
 from gateway.context import Context, context
-from gateway.errors import documented, invalid_api_key
-from gateway.tenants import hash_key
 
 router = APIRouter()
 
@@ -42,18 +38,6 @@ async def readyz(ctx: Context = Depends(context)) -> JSONResponse:
     return JSONResponse({"status": status, "error": engine.error}, status_code=503)
 
 
-async def require_metrics_reader(request: Request, ctx: Context = Depends(context)) -> None:
-    """Open when the gateway has no admin key (then nothing else is protected either)."""
-    allowed = [h for h in (ctx.metrics_key_sha256, ctx.admin_key_sha256) if h]
-    if not allowed:
-        return
-    key = bearer_key(request)
-    digest = hash_key(key) if key else ""
-    if not any(hmac.compare_digest(digest, h) for h in allowed):
-        raise invalid_api_key()
-
-
-@router.get("/metrics", response_class=PlainTextResponse, responses=documented(401),
-            dependencies=[Depends(require_metrics_reader)])
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_metrics_reader)])
 async def metrics(ctx: Context = Depends(context)) -> Response:
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -151,8 +151,9 @@ def test_crashes_mid_upload_leave_nothing_behind(gw: Gateway, lora: dict[str, by
     assert gw.leftovers()  # its scratch directory (its stored files are still named by its record)
 
     gw.start()
-    assert gw.rows() == {"stable": "live"}
-    assert gw.admin("GET", "/admin/adapters/half").status_code == 404
+    assert gw.rows() == {"stable": "live", "half": "rejected"}  # ended, with the reason, and without files
+    half = gw.admin("GET", "/admin/adapters/half").json()
+    assert half["sha256"] is None and "cut short" in half["reason"]
     assert gw.leftovers() == []
     assert sorted(p.name for p in (gw.state / "adapters").iterdir()) == [".incoming", stable["sha256"]]
     assert gw.chat(key, "stable").status_code == 200

@@ -69,7 +69,7 @@ def test_sigterm_lets_a_stream_finish_and_refuses_new_work(tmp_path: Path) -> No
                        if json.loads(p)["choices"])
         assert text == " hello" * 20
         assert gw.wait_exit(timeout=10) == 0
-        assert time.monotonic() - terminated < 5  # the stream's 2 s, then the exit: far inside the 10 s
+        assert time.monotonic() - terminated < 8  # the stream's 2 s, then the exit: inside the 10 s (slack for a loaded CI)
         assert "drained" in gw.log.read_text()
 
 
