@@ -99,7 +99,11 @@ def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
             await ctx.engine.close()
             close_db(sessions)
 
-    app = FastAPI(title="SaLoRA Gateway", lifespan=lifespan)
+    # FastAPI's own OpenTelemetry hooks look up the tracer and meter providers (environment reads) on
+    # every request: 8-9% of the gateway's GIL time under load (py-spy, docs/performance.md). The
+    # gateway exports Prometheus metrics of its own.
+    app = FastAPI(title="SaLoRA Gateway", lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     install_error_handlers(app)
     # The chat route is outermost: it counts its own body, so the hot path skips BodyLimit.
     app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes, exempt={("POST", UPLOAD_PATH)})
