@@ -87,4 +87,4 @@ def test_requests_outliving_the_deadline_are_cut_with_an_error(tmp_path: Path) -
         assert payloads[-1] != "[DONE]" and json.loads(payloads[-1])["error"]["code"] == "shutting_down"
         assert whole[0].status_code == 503 and whole[0].json()["error"]["code"] == "shutting_down"
         assert gw.wait_exit(timeout=10) == 0
-        assert time.monotonic() - terminated < 1.5 + 5
+        assert time.monotonic() - terminated < 1.5 + 8  # the deadline, then the exit (slack for a loaded CI)
