@@ -10,10 +10,11 @@ from typing import Any
 from fastapi import Request
 
 from gateway.adapters.lifecycle import Lifecycle
+from gateway.changes import ChangeFeed
 from gateway.control_tokens import ContentGuard
 from gateway.engines.base import Engine
 from gateway.metrics import Metrics
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import Limiter
 from gateway.settings import Settings
 from gateway.streams import StreamSlots
 from gateway.tenants import ANONYMOUS, TenantStore
@@ -25,7 +26,7 @@ class Context:
     settings: Settings
     engine: Engine
     tenants: TenantStore
-    limiter: RateLimiter
+    limiter: Limiter  # in process, or shared by the replicas through Redis
     metrics: Metrics
     judge: Judge
     admin_key_sha256: str | None  # None: the admin API is off
@@ -33,6 +34,8 @@ class Context:
     anonymous: bool  # no admin key and no tenants at start: every caller is the anonymous tenant
     started_at: int  # Unix time, the `created` of the models listed
     lifecycle: Lifecycle  # uploads, canary, promotion and retirement of adapters
+    replica: str = "gateway"  # this gateway's name among its replicas (gateway/changes.py)
+    feed: ChangeFeed | None = None  # other replicas' changes (PostgreSQL only)
     tasks: set[asyncio.Task] = field(default_factory=set)  # detached work (judging), kept alive until done
     streams: StreamSlots = field(default_factory=StreamSlots)  # open streamed answers per tenant
     # special-token spellings made plain text in message content; read from the model at start

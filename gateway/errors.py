@@ -76,6 +76,9 @@ def too_large(limit: int) -> APIError:
 
 def rate_limited(limited: Limited) -> APIError:
     kind = limited.kind
+    if limited.unavailable:
+        return APIError(503, "The gateway cannot check its rate limits right now; retry shortly.",
+                        type="server_error", code="limits_unavailable", headers={"Retry-After": str(limited.retry_after)})
     if limited.too_large:
         message = (f"Request too large for {kind} per minute: limit {limited.limit}, requested {limited.requested} "
                    "(the prompt's upper bound plus max_tokens). Lower max_tokens or shorten the prompt.")

@@ -36,6 +36,16 @@ class Metrics:
         self.canary_runs = Counter("salora_canary_runs_total", "Canary runs by result", ["result"], registry=r)
         for result in CANARY_RESULTS:
             self.canary_runs.labels(result)
+        # Replicas (docs/replicas.md): the change feed from the other replicas, and the shared limits.
+        self.change_feed_up = Gauge("salora_change_feed_up", "1 while this replica listens for other replicas' "
+                                    "changes (PostgreSQL); 0 while it reconnects", registry=r)
+        self.change_lag = Histogram("salora_change_propagation_seconds", "From another replica's committed change "
+                                    "to this replica hearing of it", buckets=(.005, .01, .025, .05, .1, .25, .5, 1,
+                                                                               2, 5), registry=r)
+        self.shared_limits_up = Gauge("salora_shared_limits_up", "1 while the rate limits shared through Redis "
+                                      "answer; 0 while the fallback (limits.redis_down) applies", registry=r)
+        self.limit_fallbacks = Counter("salora_limit_fallbacks_total", "Requests admitted or refused by the "
+                                       "fallback while Redis was unreachable", ["mode"], registry=r)
 
     def create_series(self, callers: list[tuple[str, str]], engine: str) -> None:
         """Create the series of each (tenant, model) a tenant may call, and of each engine error kind, at

@@ -16,7 +16,7 @@ router = APIRouter()
 
 
 class Readiness(BaseModel):
-    status: str  # ready | loading | failed
+    status: str  # ready | loading | failed | degraded (a replica cut off from its database or Redis)
     model: str | None = None
     error: str | None = None
 
@@ -32,10 +32,16 @@ async def readyz(ctx: Context = Depends(context)) -> JSONResponse:
     """200 once the engine can generate and the live adapters are restored; 503 while it loads or
     after it failed."""
     engine = ctx.engine
-    if engine.ready and ctx.lifecycle.ready:
-        return JSONResponse({"status": "ready", "model": engine.model_id})
-    status = "failed" if engine.error else "loading"
-    return JSONResponse({"status": status, "error": engine.error}, status_code=503)
+    if not (engine.ready and ctx.lifecycle.ready):
+        status = "failed" if engine.error else "loading"
+        return JSONResponse({"status": status, "error": engine.error}, status_code=503)
+    if ctx.feed is not None and not ctx.feed.connected.is_set():
+        return JSONResponse({"status": "degraded", "error": "not listening for the other replicas' changes "
+                             "(the database does not answer)"}, status_code=503)
+    if not await ctx.limiter.healthy():
+        return JSONResponse({"status": "degraded", "error": "the shared rate limits (Redis) do not answer"},
+                            status_code=503)
+    return JSONResponse({"status": "ready", "model": engine.model_id})
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_metrics_reader)])

@@ -9,7 +9,10 @@ rest refunded. So the tokens a tenant is served by requests admitted in any wind
 tpm, whatever the concurrency.
 
 Logs are keyed by tenant name only: deleting and re-creating a tenant, or changing its limits, keeps
-what it already used in the window (a fresh log would be a fresh allowance)."""
+what it already used in the window (a fresh log would be a fresh allowance).
+
+This limiter lives in one process. Several replicas share theirs through Redis
+(gateway/shared_limits.py), which keeps the same logs with the same rules, atomically."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.tenants import Tenant
 
@@ -54,6 +58,16 @@ class _Log:
 
 
 @dataclass(frozen=True, slots=True)
+class Headroom:
+    """What a tenant has left, for the `x-ratelimit-*` headers."""
+
+    kind: str
+    limit: int
+    remaining: int
+    reset_s: float  # until the whole limit is available again
+
+
+@dataclass(frozen=True, slots=True)
 class Limited:
     """Why a request was not admitted: which limit, when to retry, and whether it ever can be."""
 
@@ -62,35 +76,34 @@ class Limited:
     limit: int
     requested: int = 1
     too_large: bool = False  # the request alone needs more than the limit: retrying cannot help
+    unavailable: bool = False  # the shared limits cannot be consulted (gateway/shared_limits.py)
+    headroom: tuple[Headroom, ...] = ()
 
 
 @dataclass(slots=True)
 class Reservation:
-    """An admitted request's charge; `settle` replaces its token estimate by the real count once."""
+    """An admitted request's charge and the headroom left after it; `settle` replaces the token
+    estimate by the real count, once (a limiter's own function does the bookkeeping)."""
 
-    limiter: RateLimiter
-    tenant: str
-    tokens: _Entry | None
+    headroom: tuple[Headroom, ...] = ()
+    on_settle: Callable[[int], None] | None = None
     settled: bool = False
 
     def settle(self, tokens: int) -> None:
-        if self.settled or self.tokens is None:
+        if self.settled or self.on_settle is None:
             return
         self.settled = True
-        log = self.limiter._logs.get((self.tenant, "tokens"))
-        if log is not None and self.tokens.at > log.horizon:  # still counted in the window
-            log.total += tokens - self.tokens.amount
-        self.tokens.amount = tokens
+        self.on_settle(tokens)
 
 
-@dataclass(frozen=True, slots=True)
-class Headroom:
-    """What a tenant has left, for the `x-ratelimit-*` headers."""
+class Limiter(Protocol):
+    """Admission by rpm and tpm: this module's in-process limiter, or the one shared through Redis."""
 
-    kind: str
-    limit: int
-    remaining: int
-    reset_s: float  # until the whole limit is available again
+    async def admit(self, tenant: Tenant, tokens: int = 0) -> Reservation | Limited: ...
+
+    async def healthy(self) -> bool: ...
+
+    async def close(self) -> None: ...
 
 
 class RateLimiter:
@@ -111,11 +124,15 @@ class RateLimiter:
             log.expire(now - self._window)
         return log
 
-    def admit(self, tenant: Tenant, tokens: int = 0) -> Reservation | Limited:
+    async def admit(self, tenant: Tenant, tokens: int = 0) -> Reservation | Limited:
+        return self.admit_now(tenant, tokens)
+
+    def admit_now(self, tenant: Tenant, tokens: int = 0, share: int = 1) -> Reservation | Limited:
         """Admit and charge one request reserving `tokens` (prompt bound + max_tokens), or say which
-        limit stops it. Nothing is charged unless every limit admits the request."""
+        limit stops it. Nothing is charged unless every limit admits the request. `share` divides
+        every limit (the shared limiter's fallback: each of N replicas admits 1/N)."""
         now = self._clock()
-        checks = [("requests", tenant.rpm, 1), ("tokens", tenant.tpm, tokens)]
+        checks = [("requests", _part(tenant.rpm, share), 1), ("tokens", _part(tenant.tpm, share), tokens)]
         logs = []
         for kind, limit, need in checks:
             if limit is None:
@@ -125,7 +142,7 @@ class RateLimiter:
             log = self._log(tenant.name, kind, now)
             if log.total + need > limit:
                 wait = log.wait(need, limit, now, self._window)
-                return Limited(kind, max(1, math.ceil(wait)), limit, need)
+                return Limited(kind, max(1, math.ceil(wait)), limit, need, headroom=self._headroom(checks, tenant, now))
             logs.append((kind, log, need))
         reserved = None
         for kind, log, need in logs:
@@ -133,16 +150,34 @@ class RateLimiter:
             log.entries.append(entry)
             log.total += need
             if kind == "tokens":
-                reserved = entry
-        return Reservation(self, tenant.name, reserved)
+                reserved = (log, entry)
+        return Reservation(self._headroom(checks, tenant, now), _settler(*reserved) if reserved else None)
 
-    def headroom(self, tenant: Tenant) -> list[Headroom]:
-        """Each limit the tenant has, with what is left of it now."""
-        now, out = self._clock(), []
-        for kind, limit in (("requests", tenant.rpm), ("tokens", tenant.tpm)):
+    def _headroom(self, checks: list[tuple[str, int | None, int]], tenant: Tenant, now: float) -> tuple[Headroom, ...]:
+        out = []
+        for kind, limit, _ in checks:
             if limit is None:
                 continue
             log = self._log(tenant.name, kind, now)
             reset = log.entries[-1].at + self._window - now if log.entries else 0.0
             out.append(Headroom(kind, limit, max(0, math.floor(limit - log.total)), max(0.0, reset)))
-        return out
+        return tuple(out)
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+def _part(limit: int | None, share: int) -> int | None:
+    return None if limit is None else max(1, limit // share) if share > 1 else limit
+
+
+def _settler(log: _Log, entry: _Entry) -> Callable[[int], None]:
+    def settle(tokens: int) -> None:
+        if entry.at > log.horizon:  # still counted in the window
+            log.total += tokens - entry.amount
+        entry.amount = tokens
+
+    return settle

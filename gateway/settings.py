@@ -51,6 +51,9 @@ class Limits(BaseModel):
     default_max_tokens: int = Field(default=256, gt=0)  # when a request does not say
     max_messages: int = Field(default=256, gt=0)  # messages in one chat request
     max_concurrent_streams: int = Field(default=16, gt=0)  # open streamed answers per tenant (429 above)
+    # with `redis_url` (replicas, docs/replicas.md): what a replica does while Redis does not answer
+    redis_down: Literal["closed", "share"] = "closed"  # closed: 503 for limited tenants; share: limit/replicas each
+    replicas: int = Field(default=1, gt=0)  # the replicas sharing the limits, for `redis_down: share`
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Limits:
@@ -119,7 +122,8 @@ class Settings(BaseSettings):
     allow_open: bool = False  # serve with no admin key and no tenants on a non-loopback host (no authentication)
     metrics_key: SecretStr | None = None  # a bearer token for /metrics only (Prometheus); the admin key works too
     state_dir: Path = Field(default_factory=lambda: salora_home() / "gateway")
-    db_url: str | None = None  # any SQLAlchemy URL; default: SQLite under state_dir
+    db_url: str | None = None  # SQLite (default: under state_dir) or PostgreSQL for several replicas
+    redis_url: SecretStr | None = None  # rate limits and stream slots shared by replicas (docs/replicas.md)
     limits: Limits = Limits()
     rate_window_s: float = Field(default=60.0, gt=0)  # the "minute" of rpm/tpm (short in tests)
     max_batch_size: int = Field(default=8, gt=0)

@@ -1,5 +1,6 @@
 """Tenants: who may call, which adapters, how much. Stored in the database with only a hash of each
-API key; served from an in-memory copy so the request path never queries the database."""
+API key; served from an in-memory copy so the request path never queries the database. Every write
+announces itself (gateway/changes.py), and every replica reloads its copy when told."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import hashlib
 import hmac
 import secrets
 import threading
-from collections.abc import Iterable
+from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -76,12 +78,28 @@ class TenantStore:
     """Tenants in the database, mirrored in memory. Writers hold a lock and swap in new dicts, so
     readers on the event loop see a consistent snapshot without locking."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session],
+                 announce: Callable[[Session, str], None] = lambda _session, _topic: None) -> None:
         self._sessions = sessions
+        self._announce = announce
         self._lock = threading.Lock()
         self._by_name: dict[str, Tenant] = {}
         self._by_index: dict[str, Tenant] = {}
         self._reload()
+
+    def reload(self) -> None:
+        """Read every tenant again (another replica changed one)."""
+        with self._lock:
+            self._reload()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction that tells the other replicas, then this replica's fresh copy."""
+        with self._lock:
+            with self._sessions.begin() as session:
+                yield session
+                self._announce(session, "tenants")
+            self._reload()
 
     def _reload(self) -> None:
         with self._sessions() as session:
@@ -106,60 +124,48 @@ class TenantStore:
     def create(self, name: str, adapters: Iterable[str], rpm: int | None, tpm: int | None) -> tuple[Tenant, str]:
         """A new tenant and its key; the key is returned this once and never stored."""
         key = new_key()
-        with self._lock:
-            with self._sessions.begin() as session:
-                if session.get(TenantRow, name) is not None:
-                    raise TenantExists(name)
-                session.add(TenantRow(name=name, key_sha256=hash_key(key), adapters=sorted(set(adapters)), rpm=rpm,
-                                      tpm=tpm, created_at=datetime.now(UTC)))
-            self._reload()
+        with self._write() as session:
+            if session.get(TenantRow, name) is not None:
+                raise TenantExists(name)
+            session.add(TenantRow(name=name, key_sha256=hash_key(key), adapters=sorted(set(adapters)), rpm=rpm,
+                                  tpm=tpm, created_at=datetime.now(UTC)))
         return self._by_name[name], key
 
     def rotate(self, name: str) -> str:
         """Replace a tenant's key; the old key stops working at once."""
         key = new_key()
-        with self._lock:
-            with self._sessions.begin() as session:
-                row = session.get(TenantRow, name)
-                if row is None:
-                    raise UnknownTenant(name)
-                row.key_sha256 = hash_key(key)
-            self._reload()
+        with self._write() as session:
+            row = session.get(TenantRow, name)
+            if row is None:
+                raise UnknownTenant(name)
+            row.key_sha256 = hash_key(key)
         return key
 
     def delete(self, name: str) -> None:
-        with self._lock:
-            with self._sessions.begin() as session:
-                if session.execute(delete(TenantRow).where(TenantRow.name == name)).rowcount == 0:  # type: ignore[attr-defined]
-                    raise UnknownTenant(name)
-            self._reload()
+        with self._write() as session:
+            if session.execute(delete(TenantRow).where(TenantRow.name == name)).rowcount == 0:  # type: ignore[attr-defined]
+                raise UnknownTenant(name)
 
     def grant(self, adapter: str, names: Iterable[str]) -> None:
         """Let the named tenants call `adapter` (the adapter lifecycle grants on promotion and at start,
         since a config tenant's list is rewritten from the config at every start)."""
-        with self._lock:
-            with self._sessions.begin() as session:
-                for name in names:
-                    row = session.get(TenantRow, name)
-                    if row is not None and adapter not in row.adapters:
-                        row.adapters = sorted({*row.adapters, adapter})
-            self._reload()
+        with self._write() as session:
+            for name in names:
+                row = session.get(TenantRow, name)
+                if row is not None and adapter not in row.adapters:
+                    row.adapters = sorted({*row.adapters, adapter})
 
     def revoke(self, adapter: str) -> None:
         """Take `adapter` off every tenant's list (a retired name may later be reused for other weights)."""
-        with self._lock:
-            with self._sessions.begin() as session:
-                for row in session.scalars(select(TenantRow)):
-                    if adapter in row.adapters:
-                        row.adapters = [a for a in row.adapters if a != adapter]
-            self._reload()
+        with self._write() as session:
+            for row in session.scalars(select(TenantRow)):
+                if adapter in row.adapters:
+                    row.adapters = [a for a in row.adapters if a != adapter]
 
     def put_configured(self, configs: Iterable[TenantConfig]) -> None:
         """Insert or overwrite the tenants declared in the settings (the config file wins at start)."""
-        with self._lock:
-            with self._sessions.begin() as session:
-                for c in configs:
-                    row = session.get(TenantRow, c.name) or TenantRow(name=c.name, created_at=datetime.now(UTC))
-                    row.key_sha256, row.adapters, row.rpm, row.tpm = c.key_sha256, sorted(set(c.adapters)), c.rpm, c.tpm
-                    session.add(row)
-            self._reload()
+        with self._write() as session:
+            for c in configs:
+                row = session.get(TenantRow, c.name) or TenantRow(name=c.name, created_at=datetime.now(UTC))
+                row.key_sha256, row.adapters, row.rpm, row.tpm = c.key_sha256, sorted(set(c.adapters)), c.rpm, c.tpm
+                session.add(row)

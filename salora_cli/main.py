@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from salora.errors import SaLoRAError
-from salora_cli import align, calibrate, compare, evaluate, export, serve, train
+from salora_cli import align, calibrate, compare, db, evaluate, export, serve, train
 
-COMMANDS = (calibrate, train, export, evaluate, compare, align, serve)
+COMMANDS = (calibrate, train, export, evaluate, compare, align, serve, db)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,3 +15,4 @@ class LifecycleConfig(BaseModel):
     reprobe_interval_s: float = Field(default=3600.0, ge=0)  # live adapters probed again this often; 0: never
     retry_interval_s: float = Field(default=60.0, gt=0)  # a canary run that errored is retried after this
     pull_failing: bool = False  # a live adapter failing a re-probe is retired, not only flagged
+    canary_lease_s: float = Field(default=30.0, gt=0)  # a replica's hold on a canary run; renewed every third of it

@@ -9,7 +9,13 @@ requests to other adapters never notice. Canary runs are serialised: one at a ti
 Crash safety: every step is a database transaction first and an effect second, and a restart finishes
 or undoes what a crash cut short (`start`). An upload holds a claim (a locked scratch directory named
 by its record id) until it is probing; a restart removes uploads whose claim no live process holds.
-A probing adapter's canary runs again. A live one is loaded and granted to its tenants again."""
+A probing adapter's canary runs again. A live one is loaded and granted to its tenants again.
+
+Replicas (several gateways on one PostgreSQL database and one shared adapter store): an adapter's
+canary runs on one replica, the holder of its lease in the database, renewed while the run lasts; if
+the holder dies, the lease expires and another replica's schedule takes the run over. Each replica
+keeps its engine in line with the registry (`sync`, run whenever another replica announces an
+adapter change): live adapters loaded, anything else unloaded, unless this replica is probing it."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +76,11 @@ def _has_files(record: AdapterRecord) -> None:
 
 class Lifecycle:
     def __init__(self, settings: Settings, engine: Engine, registry: Registry, tenants: TenantStore,
-                 metrics: Metrics, judge: Judge, on_change: Callable[[], None]) -> None:
-        """`on_change` runs whenever the set of served adapters changes (it creates their metric series)."""
+                 metrics: Metrics, judge: Judge, on_change: Callable[[], None], replica: str = "gateway") -> None:
+        """`on_change` runs whenever the set of served adapters changes (it creates their metric series);
+        `replica` names this gateway in canary leases."""
         self.settings = settings
+        self.replica = replica
         self.config = settings.lifecycle
         self.engine = engine
         self.registry = registry
@@ -83,6 +91,8 @@ class Lifecycle:
         self.runner = CanaryRunner(engine, settings.canary, judge, registry)
         self.held_back: frozenset[str] = frozenset()  # loaded in the engine, not to be routed to
         self._unloading: frozenset[str] = frozenset()  # held back, their unload failed: retried on schedule
+        self._resident: dict[str, str] = {}  # uploaded adapters loaded in the engine: name -> record id
+        self._sync_lock = asyncio.Lock()
         self.ready = False  # live adapters restored
         self._base: BaseModelInfo | None = None
         self._base_lock = asyncio.Lock()
@@ -104,8 +114,7 @@ class Lifecycle:
             if record.source != "config" and record.name not in self.engine.adapters():
                 await self._restore(record)
         for record in await asyncio.to_thread(self.registry.all, (State.PROBING,)):
-            if await self._load_for_probing(record):
-                self._spawn(record, "restart")
+            await self._claim(record, "restart")
         await self._refresh()
         self.ready = True
         tick = min(self.config.retry_interval_s, self.config.reprobe_interval_s or float("inf"))
@@ -157,6 +166,7 @@ class Lifecycle:
     async def _restore(self, record: AdapterRecord) -> None:
         try:
             await self.engine.load_adapter(record.name, self._path(record))
+            self._resident[record.name] = record.id
         except Exception as e:  # one unreadable adapter must not keep the others (or the gateway) down
             log.error("cannot restore adapter %s: %s", record.name, e)
             self.metrics.engine_errors.labels(self.engine.name, "load").inc()
@@ -172,7 +182,8 @@ class Lifecycle:
         return record
 
     def probing(self, record: AdapterRecord) -> bool:
-        return record.id in self._runs
+        """A canary run of `record` is going on here, or on another replica holding its lease."""
+        return record.id in self._runs or (record.leased() and record.lease_owner != self.replica)
 
     async def base(self) -> BaseModelInfo:
         """The served base's layer shapes and weight identity, read once."""
@@ -228,10 +239,11 @@ class Lifecycle:
                     raise AdapterRejected(f"the {self.engine.name} engine cannot load the adapter: {e}",
                                           code="engine_rejected") from e
                 loaded = True
+                self._resident[name] = record.id
                 record = await asyncio.to_thread(
                     self.registry.transition, record.id, State.PROBING, actor=actor, action="probe",
                     source="checkpoint" if info.source == "checkpoint" else "upload", rank=info.rank,
-                    target_modules=info.target_modules, size_bytes=info.size_bytes)
+                    target_modules=info.target_modules, size_bytes=info.size_bytes, **self._lease())
                 await self._refresh()
             except BaseException as e:
                 if loaded:
@@ -279,7 +291,7 @@ class Lifecycle:
         if record.state == State.REJECTED:
             try:
                 record = await asyncio.to_thread(self.registry.transition, record.id, State.PROBING, actor=actor,
-                                                 action="probe")
+                                                 action="probe", **self._lease())
             except NameInUse:
                 raise _conflict(f"Another adapter named {name!r} is active.") from None
             await self._refresh()
@@ -342,6 +354,7 @@ class Lifecycle:
                 self._unloading |= {name}
                 return
         self._unloading -= {name}
+        self._resident.pop(name, None)
         self.held_back -= {name}
 
     async def force_live(self, name: str, actor: str, reason: str) -> AdapterRecord:
@@ -375,6 +388,10 @@ class Lifecycle:
             record = await asyncio.to_thread(self.registry.get, record_id)
             if record is None or record.state not in (State.PROBING, State.LIVE):
                 return
+            if not await asyncio.to_thread(self.registry.take_lease, record_id, self.replica, self.config.canary_lease_s):
+                log.info("the canary of %s runs on another replica", record.name)
+                return
+            renewing = asyncio.create_task(self._renew(record_id))
             started = datetime.now(UTC)
             try:
                 base = await self.base()
@@ -386,12 +403,45 @@ class Lifecycle:
             except Exception as e:  # a bug must not leave the adapter waiting without a trace
                 log.exception("canary run of %s failed", record.name)
                 report = {"result": "error", "error": f"{type(e).__name__}: {e}"}
+            except asyncio.CancelledError:  # retired, or the gateway stops: the next replica need not wait
+                await asyncio.shield(asyncio.to_thread(self.registry.release_lease, record_id, self.replica))
+                raise
+            finally:
+                renewing.cancel()
+            if not await asyncio.to_thread(self.registry.release_lease, record_id, self.replica):
+                log.error("the canary run of %s lost its lease to another replica; its verdict is dropped", record.name)
+                return
+            if await self._ended(record_id):  # retired through another replica while it was probed here
+                if self._resident.get(record.name) == record_id:
+                    await self._unload(record.name)
+                return
             await asyncio.to_thread(self.registry.add_run, record.id, trigger, report["result"], started, report)
             self.metrics.canary_runs.labels(report["result"]).inc()
             if report["result"] == "error":
                 return
             self._set_gauge(self.engine.model_id, report, "base")
             await self._verdict(record_id, report)
+
+    async def _renew(self, record_id: str) -> None:
+        """Keep the lease while the run lasts (a replica that dies stops renewing, and others take over)."""
+        while True:
+            await asyncio.sleep(self.config.canary_lease_s / 3)
+            try:
+                await asyncio.to_thread(self.registry.take_lease, record_id, self.replica, self.config.canary_lease_s)
+            except Exception:
+                log.exception("cannot renew the canary lease of %s", record_id)
+
+    def _lease(self) -> dict[str, Any]:
+        """The lease fields of a transition into probing: the replica moving it there runs its canary."""
+        return {"lease_owner": self.replica,
+                "lease_until": datetime.now(UTC) + timedelta(seconds=self.config.canary_lease_s)}
+
+    async def _claim(self, record: AdapterRecord, trigger: str) -> None:
+        """Take over a probing adapter's canary, unless a live replica holds its lease."""
+        if record.leased() and record.lease_owner != self.replica:
+            return
+        if await self._load_for_probing(record):
+            self._spawn(record, trigger)
 
     async def _verdict(self, record_id: str, report: dict[str, Any]) -> None:
         record = await asyncio.to_thread(self.registry.get, record_id)
@@ -445,6 +495,8 @@ class Lifecycle:
             except Exception:
                 self.held_back -= {record.name}
                 raise
+            if record.source != "config":
+                self._resident[record.name] = record.id
 
     async def _release(self, record: AdapterRecord) -> AdapterRecord:
         """A loaded adapter that just became live: grant its tenants, then let traffic in."""
@@ -476,8 +528,8 @@ class Lifecycle:
                 continue
             run = await asyncio.to_thread(self.registry.run, record.last_run_id) if record.last_run_id else None
             last = run.finished_at.timestamp() if run else self._started
-            if record.state == State.PROBING and now - last >= self.config.retry_interval_s:
-                self._spawn(record, "retry")
+            if record.state == State.PROBING and (run is None or now - last >= self.config.retry_interval_s):
+                await self._claim(record, "retry" if run else "takeover")
             elif record.state == State.LIVE and self.config.reprobe_interval_s and now - last >= self.config.reprobe_interval_s:
                 self._spawn(record, "schedule")
 

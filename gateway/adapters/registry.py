@@ -12,12 +12,13 @@ name is active (not rejected or retired): a partial unique index enforces it in 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, delete, func, select, text
+from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -64,6 +65,8 @@ class AdapterRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)  # why the adapter is in its state
     flagged: Mapped[str | None] = mapped_column(Text)  # a live adapter that failed a re-probe: why
     last_run_id: Mapped[str | None] = mapped_column(String(40))
+    lease_owner: Mapped[str | None] = mapped_column(String(64))  # the replica running its canary
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # ... while it renews
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -124,12 +127,19 @@ class AdapterRecord:
     last_run_id: str | None
     created_at: datetime
     updated_at: datetime
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
 
     @classmethod
     def of(cls, row: AdapterRow) -> AdapterRecord:
         return cls(row.id, row.name, State(row.state), row.source, row.sha256, row.path, row.rank,
                    list(row.target_modules or []), row.size_bytes, list(row.tenants or []), row.base_model,
-                   row.reason, row.flagged, row.last_run_id, _utc(row.created_at), _utc(row.updated_at))
+                   row.reason, row.flagged, row.last_run_id, _utc(row.created_at), _utc(row.updated_at),
+                   row.lease_owner, _utc(row.lease_until) if row.lease_until else None)
+
+    def leased(self) -> bool:
+        """A replica is running this adapter's canary and has not let its lease expire."""
+        return self.lease_owner is not None and self.lease_until is not None and self.lease_until >= _now()
 
 
 @dataclass(frozen=True)
@@ -176,10 +186,13 @@ def _utc(moment: datetime) -> datetime:
 
 
 class Registry:
-    """Synchronous database access; the lifecycle calls it from worker threads."""
+    """Synchronous database access; the lifecycle calls it from worker threads. Every state change is
+    announced to the other replicas (gateway/changes.py) in its own transaction."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session],
+                 announce: Callable[[Session, str], None] = lambda _session, _topic: None) -> None:
         self._sessions = sessions
+        self._announce = announce
 
     def create(self, name: str, *, source: str, tenants: list[str], base_model: str, actor: str,
                state: State = State.UPLOADED, path: str | None = None, sha256: str | None = None,
@@ -194,6 +207,7 @@ class Registry:
                 session.flush()
                 session.add(AdapterEventRow(adapter_id=row.id, name=name, at=now, actor=actor, action="upload"
                                             if source != "config" else "config", to_state=state.value))
+                self._announce(session, "adapters")
         except IntegrityError:
             raise NameInUse(name) from None
         return AdapterRecord.of(row)
@@ -217,6 +231,7 @@ class Registry:
                     row.reason = reason
                 session.add(AdapterEventRow(adapter_id=row.id, name=row.name, at=now, actor=actor, action=action,
                                             from_state=current.value, to_state=to.value, reason=reason))
+                self._announce(session, "adapters")
         except IntegrityError:  # back to active while another adapter of that name is active
             raise NameInUse(record_id) from None
         return AdapterRecord.of(row)
@@ -235,6 +250,27 @@ class Registry:
                 session.add(AdapterEventRow(adapter_id=row.id, name=row.name, at=row.updated_at, actor=actor or "gateway",
                                             action=action, from_state=row.state, to_state=row.state, reason=reason))
         return AdapterRecord.of(row)
+
+    # --- the canary's lease: one replica probes an adapter at a time ---
+
+    def take_lease(self, record_id: str, owner: str, ttl_s: float) -> bool:
+        """Hold (or renew) the lease on an adapter's canary for `ttl_s`: granted when nobody holds it,
+        `owner` already does, or the holder let it expire (it died). One conditional UPDATE, so two
+        replicas asking at once cannot both get it."""
+        now = _now()
+        query = (update(AdapterRow).where(AdapterRow.id == record_id)
+                 .where(or_(AdapterRow.lease_owner.is_(None), AdapterRow.lease_owner == owner,
+                            AdapterRow.lease_until < now))
+                 .values(lease_owner=owner, lease_until=now + timedelta(seconds=ttl_s)))
+        with self._sessions.begin() as session:
+            return session.execute(query).rowcount == 1  # type: ignore[attr-defined]
+
+    def release_lease(self, record_id: str, owner: str) -> bool:
+        """Give the lease back; False if `owner` no longer held it (it expired and another took it)."""
+        query = (update(AdapterRow).where(AdapterRow.id == record_id, AdapterRow.lease_owner == owner)
+                 .values(lease_owner=None, lease_until=None))
+        with self._sessions.begin() as session:
+            return session.execute(query).rowcount == 1  # type: ignore[attr-defined]
 
     def forget(self, record_id: str) -> None:
         """Remove every trace of an upload that never passed validation."""

@@ -38,7 +38,7 @@ from gateway.errors import (
 )
 from gateway.metrics import OTHER
 from gateway.openai.chat_completion.protocol import ChatCompletionRequest
-from gateway.ratelimit import Limited, Reservation
+from gateway.ratelimit import Headroom, Limited, Reservation
 from gateway.request_id import request_id
 from gateway.request_log import log_request
 from gateway.tenants import Tenant
@@ -58,6 +58,16 @@ TEMPLATE_TOKENS_PER_MESSAGE, TEMPLATE_TOKENS = 16, 64
 
 def prompt_token_bound(messages: list[dict[str, str]]) -> int:
     return TEMPLATE_TOKENS + sum(len(m["content"].encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
+
+
+def _limit_headers(headroom: tuple[Headroom, ...]) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers for a tenant with limits (none for one without)."""
+    headers = {}
+    for room in headroom:
+        headers[f"x-ratelimit-limit-{room.kind}"] = str(room.limit)
+        headers[f"x-ratelimit-remaining-{room.kind}"] = str(room.remaining)
+        headers[f"x-ratelimit-reset-{room.kind}"] = f"{room.reset_s:.3f}s"
+    return headers
 
 
 def _nothing() -> None:
@@ -204,8 +214,8 @@ class ChatServing:
             adapter_label = body.model
             release = self._stream_slot(tenant) if body.stream else _nothing
             try:
-                admitted = ctx.limiter.admit(tenant, self._prompt_bound(generation) + generation.max_tokens)
-                headers = self._limit_headers(tenant)
+                admitted = await ctx.limiter.admit(tenant, self._prompt_bound(generation) + generation.max_tokens)
+                headers = _limit_headers(admitted.headroom)
                 if isinstance(admitted, Limited):
                     error = rate_limited(admitted)
                     error.headers = {**(error.headers or {}), **headers}
@@ -237,17 +247,6 @@ class ChatServing:
             return _EventStream(self._events(answer, first, stream, include_usage), release, headers=headers,
                                 media_type="text/event-stream", background=BackgroundTask(answer.record))
         return await self._complete(request, answer, first, stream, headers)
-
-    def _limit_headers(self, tenant: Tenant) -> dict[str, str]:
-        """OpenAI's `x-ratelimit-*` headers for a tenant with limits (none for one without)."""
-        if tenant.rpm is None and tenant.tpm is None:
-            return {}
-        headers = {}
-        for room in self.ctx.limiter.headroom(tenant):
-            headers[f"x-ratelimit-limit-{room.kind}"] = str(room.limit)
-            headers[f"x-ratelimit-remaining-{room.kind}"] = str(room.remaining)
-            headers[f"x-ratelimit-reset-{room.kind}"] = f"{room.reset_s:.3f}s"
-        return headers
 
     def _stream_slot(self, tenant: Tenant) -> Callable[[], None]:
         limit = self.ctx.settings.limits.max_concurrent_streams
