@@ -127,6 +127,8 @@ def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
                       metrics_key_sha256=hash_key(settings.metrics_key.get_secret_value()) if settings.metrics_key else None,
                       anonymous=anonymous,
                       started_at=int(time.time()), lifecycle=lifecycle, replica=replica)
+        if isinstance(ctx.limiter, SharedLimiter):
+            ctx.streams = ctx.limiter  # the same Redis counts every replica's streams
         ctx.feed = change_feed(ctx, sessions)
         app.state.context = ctx
         loading = asyncio.create_task(_start_engine(ctx))

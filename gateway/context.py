@@ -16,7 +16,7 @@ from gateway.engines.base import Engine
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limiter
 from gateway.settings import Settings
-from gateway.streams import StreamSlots
+from gateway.streams import Slots, StreamSlots
 from gateway.tenants import ANONYMOUS, TenantStore
 from salora.judge import Judge
 
@@ -37,7 +37,7 @@ class Context:
     replica: str = "gateway"  # this gateway's name among its replicas (gateway/changes.py)
     feed: ChangeFeed | None = None  # other replicas' changes (PostgreSQL only)
     tasks: set[asyncio.Task] = field(default_factory=set)  # detached work (judging), kept alive until done
-    streams: StreamSlots = field(default_factory=StreamSlots)  # open streamed answers per tenant
+    streams: Slots = field(default_factory=StreamSlots)  # open streamed answers per tenant (or shared, Redis)
     # special-token spellings made plain text in message content; read from the model at start
     content_guard: ContentGuard = field(default_factory=lambda: ContentGuard(frozenset()))
 

@@ -1,4 +1,4 @@
-"""Rate limits shared by every replica through Redis: the sliding-window logs of gateway/ratelimit.py,
+"""Rate limits and stream slots shared by every replica through Redis: the sliding-window logs of gateway/ratelimit.py,
 kept in Redis and changed by one Lua script per admission, so N replicas admit a tenant's limit in
 total, not N times it. Time is Redis's own clock (`TIME`), so replicas' clocks do not matter.
 
@@ -9,7 +9,8 @@ finished answer (its real token count) is a second, sent without waiting.
 
 When Redis does not answer, `limits.redis_down` decides: `closed` refuses every limited request with
 a 503 (never silently unlimited), `share` lets each replica admit 1/`limits.replicas` of each limit
-from a log of its own. Either way `salora_shared_limits_up` drops to 0, `salora_limit_fallbacks_total`
+from a log of its own. Stream slots fall back to a cap per replica (the whole cap, or 1/replicas of
+it with `share`). Either way `salora_shared_limits_up` drops to 0, `salora_limit_fallbacks_total`
 counts the requests decided without Redis, and the change is logged; Redis is tried again after a
 second."""
 
@@ -20,7 +21,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError
 
 from gateway.metrics import Metrics
 from gateway.ratelimit import Headroom, Limited, RateLimiter, Reservation
+from gateway.streams import StreamSlots
 from gateway.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,28 @@ return 0
 """
 
 
+# Stream slots. KEYS: the tenant's slots (ids by expiry). ARGV: slot id, limit, ttl (ms).
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: one tenant's slots. ARGV: ttl (ms), then the ids this replica holds open: their expiry moves on.
+RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+return 0
+"""
+SLOT_TTL_S = 30.0  # a slot a dead replica held is free again after this; live replicas renew every third
+
+
 def keys(tenant: str, kind: str) -> list[str]:
     """`{tenant}` is a Redis Cluster hash tag: a tenant's keys live on one shard, as the script needs."""
     return [f"salora:limits:{{{tenant}}}:{kind}:{part}" for part in ("log", "amounts", "total")]
@@ -118,7 +142,7 @@ def keys(tenant: str, kind: str) -> list[str]:
 
 class SharedLimiter:
     def __init__(self, url: str, window_s: float, metrics: Metrics, down: str = "closed", replicas: int = 1,
-                 timeout_s: float = 0.5) -> None:
+                 timeout_s: float = 0.5, slot_ttl_s: float = SLOT_TTL_S) -> None:
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._admit = self._redis.register_script(ADMIT)
         self._settle = self._redis.register_script(SETTLE)
@@ -128,6 +152,58 @@ class SharedLimiter:
         self._retry_at = 0.0  # while in the future, Redis is not tried
         self._up: bool | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._acquire = self._redis.register_script(ACQUIRE)
+        self._renew = self._redis.register_script(RENEW)
+        self._local_slots = StreamSlots()
+        self._held: dict[str, set[str]] = {}  # tenant -> ids of the slots this replica holds in Redis
+        self._renewing: asyncio.Task[None] | None = None
+        self._slot_ttl_ms = round(slot_ttl_s * 1000)
+
+    async def acquire(self, tenant: str, limit: int) -> Callable[[], None] | None:
+        """A stream slot of `tenant` counted across every replica (gateway/streams.py has the
+        contract): a slot id in a sorted set by expiry, renewed while the stream lasts, so the slots
+        of a replica that died free themselves."""
+        if time.monotonic() >= self._retry_at:
+            sid = secrets.token_hex(8)
+            key = stream_key(tenant)
+            try:
+                granted = await self._acquire(keys=[key], args=[sid, limit, self._slot_ttl_ms])
+            except (RedisError, OSError) as e:
+                self._state(False, e)
+            else:
+                self._state(True)
+                if not granted:
+                    return None
+                self._held.setdefault(tenant, set()).add(sid)
+                if self._renewing is None:
+                    self._renewing = asyncio.get_running_loop().create_task(self._keep_slots())
+                return self._releaser(tenant, sid)
+        # Without Redis, each replica caps the streams it holds itself (a cap that protects its own
+        # engine rows either way): `share` gives it 1/replicas of the cap, `closed` the whole cap.
+        self._metrics.limit_fallbacks.labels(self._down).inc()
+        share = self._replicas if self._down == "share" else 1
+        return self._local_slots.acquire_now(tenant, max(1, limit // share))
+
+    def _releaser(self, tenant: str, sid: str) -> Callable[[], None]:
+        def release() -> None:
+            held = self._held.get(tenant)
+            if held is None or sid not in held:
+                return  # idempotent
+            held.discard(sid)
+            if not held:
+                del self._held[tenant]
+            self._spawn(self._redis.zrem(stream_key(tenant), sid))
+
+        return release
+
+    async def _keep_slots(self) -> None:
+        while True:
+            await asyncio.sleep(self._slot_ttl_ms / 3000)
+            for tenant, held in list(self._held.items()):
+                try:
+                    await self._renew(keys=[stream_key(tenant)], args=[self._slot_ttl_ms, *held])
+                except (RedisError, OSError) as e:
+                    log.warning("cannot renew the stream slots of %s in Redis: %s", tenant, e)
 
     async def admit(self, tenant: Tenant, tokens: int = 0) -> Reservation | Limited:
         if tenant.rpm is None and tenant.tpm is None:
@@ -203,8 +279,14 @@ class SharedLimiter:
         return True
 
     async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._redis.aclose()
+
+
+def stream_key(tenant: str) -> str:
+    return f"salora:streams:{{{tenant}}}"
 
 
 def _arg(limit: int | None) -> int:

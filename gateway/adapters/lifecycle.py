@@ -173,6 +173,37 @@ class Lifecycle:
             await asyncio.to_thread(self.registry.update, record.id, flagged=f"not loaded at start: {e}",
                                     actor="gateway", action="restore_failed", reason=str(e))
 
+    async def sync(self) -> None:
+        """Bring this replica's engine in line with the registry after another replica changed an
+        adapter: live uploads it lacks (or holds other weights of) are loaded; loaded ones no longer
+        live are unloaded. What this replica holds back (its own uploads, canaries, retirements) is
+        its own business and left alone, except a hold whose record another replica ended."""
+        async with self._sync_lock:
+            live = {r.name: r for r in await asyncio.to_thread(self.registry.all, (State.LIVE,))
+                    if r.source != "config"}
+            changed = False
+            for name, record_id in list(self._resident.items()):
+                if name in live and live[name].id == record_id:
+                    continue
+                if record_id in self._runs or not await self._ended(record_id):  # read again: it may have
+                    continue                                                   # gone live here meanwhile
+                log.info("adapter %s is no longer live (changed on another replica); unloading it", name)
+                self.held_back |= {name}
+                await self._unload(name)
+                self._clear_gauges(name)
+                changed = True
+            for name, record in live.items():
+                if name not in self.engine.adapters() and name not in self.held_back:
+                    log.info("adapter %s went live on another replica; loading it", name)
+                    await self._restore(record)
+                    changed = True
+            if changed:
+                await self._refresh()
+
+    async def _ended(self, record_id: str) -> bool:
+        record = await asyncio.to_thread(self.registry.get, record_id)
+        return record is None or record.state in INACTIVE
+
     # --- queries --------------------------------------------------------------------------------
 
     def find(self, name: str) -> AdapterRecord:

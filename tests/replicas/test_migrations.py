@@ -4,9 +4,8 @@ After each, the database matches the models exactly (Alembic's own comparison)."
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import gateway.tenants  # noqa: F401
 from gateway.adapters.registry import AdapterRow, Registry, State
 from gateway.db import Base, connect, open_db, upgrade
 from gateway.migrations import current, head
-from tests.reliability.processes import ROOT
+from salora_cli.main import main
 
 
 def _differences(engine: Engine) -> list:
@@ -58,7 +57,7 @@ def test_the_first_releases_schema_is_stamped_and_upgraded_keeping_its_rows(url)
     assert "lease_owner" not in {c["name"] for c in inspect(engine).get_columns("adapters")}
     with engine.begin() as connection:
         connection.execute(Base.metadata.tables["tenants"].insert().values(
-            name="acme", key_sha256="0" * 64, adapters=["a"], rpm=5, tpm=None, created_at=__import__("datetime").datetime.now()))
+            name="acme", key_sha256="0" * 64, adapters=["a"], rpm=5, tpm=None, created_at=datetime.now(UTC)))
     assert upgrade(engine) == head()
     assert _differences(engine) == []
     with engine.connect() as connection:
@@ -91,26 +90,28 @@ def test_replicas_starting_at_once_migrate_once(pg_url):
     assert _differences(engines[0]) == []
 
 
-def test_salora_db_upgrade_and_current(url, tmp_path):
-    env = {"SALORA_DB_URL": url, "SALORA_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "salora_cli", "db", *a], env=env, cwd=ROOT,  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
-    before = run("current")
-    assert before.returncode == 0 and "revision none" in before.stdout
-    done = run("upgrade")
-    assert done.returncode == 0 and f"revision {head()}" in done.stdout, done.stderr
+def _salora_db(monkeypatch, capsys, url: str, state: Path, action: str) -> tuple[int, str, str]:
+    """`salora db <action>` through the console script's entry point, in this process."""
+    monkeypatch.setenv("SALORA_DB_URL", url)
+    monkeypatch.setenv("SALORA_STATE_DIR", str(state))
+    code = main(["db", action])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_salora_db_upgrade_and_current(url, tmp_path, monkeypatch, capsys):
+    code, out, _ = _salora_db(monkeypatch, capsys, url, tmp_path, "current")
+    assert code == 0 and "revision none" in out
+    code, out, err = _salora_db(monkeypatch, capsys, url, tmp_path, "upgrade")
+    assert code == 0 and f"revision {head()}" in out, err
     assert _differences(connect(url)) == []
 
 
-def test_salora_db_reports_an_unreachable_database_in_one_line(tmp_path):
-    env = {"SALORA_DB_URL": "postgresql://nobody@127.0.0.1:9/none", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-           "SALORA_STATE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "salora_cli", "db", "upgrade"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("salora db: error: database postgresql+psycopg://nobody@127.0.0.1:9")
+def test_salora_db_reports_an_unreachable_database_in_one_line(tmp_path, monkeypatch, capsys):
+    code, _, err = _salora_db(monkeypatch, capsys, "postgresql://nobody@127.0.0.1:9/none", tmp_path, "upgrade")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("salora db: error: database postgresql+psycopg://nobody@127.0.0.1:9/none: ")
 
 
 def test_the_registry_keeps_one_active_adapter_per_name_on_postgresql(pg_url):

@@ -212,7 +212,7 @@ class ChatServing:
                 raise unavailable(ctx.engine.error or "The model is still loading; retry shortly.")
             generation = self._generation_request(body, tenant)
             adapter_label = body.model
-            release = self._stream_slot(tenant) if body.stream else _nothing
+            release = await self._stream_slot(tenant) if body.stream else _nothing
             try:
                 admitted = await ctx.limiter.admit(tenant, self._prompt_bound(generation) + generation.max_tokens)
                 headers = _limit_headers(admitted.headroom)
@@ -248,9 +248,9 @@ class ChatServing:
                                 media_type="text/event-stream", background=BackgroundTask(answer.record))
         return await self._complete(request, answer, first, stream, headers)
 
-    def _stream_slot(self, tenant: Tenant) -> Callable[[], None]:
+    async def _stream_slot(self, tenant: Tenant) -> Callable[[], None]:
         limit = self.ctx.settings.limits.max_concurrent_streams
-        release = self.ctx.streams.acquire(tenant.name, limit)
+        release = await self.ctx.streams.acquire(tenant.name, limit)
         if release is None:
             raise too_many_streams(limit)
         return release
