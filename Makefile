@@ -24,12 +24,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Services the tests start themselves: Prometheus and promtool (Debian package; the tests run their
-# own Prometheus on a free port, never the packaged service).
+# Services the tests start themselves, each on a free loopback port in a temporary folder (never the
+# packaged services): Prometheus and promtool, PostgreSQL (the replica tests' database) and
+# redis-server (their shared limits), from Debian's packages.
 test-deps:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 	  $(call timed,installing Prometheus and promtool (Debian package prometheus),20 s to 1 min,\
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null); }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null || { \
+	  $(call timed,installing PostgreSQL and Redis (Debian packages postgresql; redis-server),30 s to 1.5 min,\
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server >/dev/null); }
 
 # vLLM in a venv of its own (its pins are not the project's): the vLLM tests start real servers from it.
 VLLM_VERSION := 0.32.0

@@ -124,6 +124,11 @@ def test_compose_serves_adapters_from_vllm(tmp_path: Path, gateway_model_dir: Pa
     assert gateway["volumes"].count("./gateway.yaml:/etc/salora/gateway.yaml:ro") == 1
     assert gateway["environment"]["SALORA_CONFIG"] == "/etc/salora/gateway.yaml"
     assert gateway["depends_on"]["vllm"]["condition"] == "service_healthy"
+    # replicas share the compose file's PostgreSQL and Redis, started before the gateway
+    assert gateway["environment"]["SALORA_DB_URL"].startswith("postgresql://salora:")
+    assert gateway["environment"]["SALORA_REDIS_URL"] == "redis://redis:6379/0"
+    for service in ("postgres", "redis"):
+        assert gateway["depends_on"][service]["condition"] == "service_healthy" and "healthcheck" in services[service]
 
     scraped = documents(DEPLOY / "prometheus" / "prometheus.yml")[0]["scrape_configs"][0]["static_configs"][0]["targets"]
     assert scraped == ["salora-gateway:8000"]
@@ -155,6 +160,10 @@ def test_kubernetes_gateway_and_vllm(tmp_path: Path, gateway_model_dir: Path) ->
     hpa = k8s("HorizontalPodAutoscaler", "salora-gateway")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "salora-gateway"}
     assert hpa["spec"]["minReplicas"] >= 2
+    # several replicas only on one database and one Redis, both required (no `optional`): never N worlds
+    env = {e["name"]: e for e in gw["env"]}
+    for name, key in (("SALORA_DB_URL", "db-url"), ("SALORA_REDIS_URL", "redis-url")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "salora-gateway", "key": key}
 
     # the adapter volume: ReadWriteMany, at adapter_dir in the gateway and in every vLLM pod
     claim = k8s("PersistentVolumeClaim", "salora-adapters")
