@@ -315,15 +315,17 @@ class VLLMEngine:
             return replica
 
     def _target(self, capable: list[Replica], adapter: str) -> Replica:
-        """Where to load an adapter no replica holds."""
+        """Where to load an adapter no replica holds (as far as this gateway knows). Replicas are
+        ranked by rendezvous hashing of (adapter, replica), so every gateway ranks them alike and,
+        seeing the same replicas, picks the same one: gateways agree on an adapter's home without
+        talking to each other. The load is bounded: the first in rank with a free slot, else the
+        first with an idle adapter to evict, else the first."""
+        ranked = sorted(capable, key=lambda r: _rank(adapter, r.url))
         limit = self._config.max_loras
-        free = [r for r in capable if len(r.held) + len(r.loading) < limit]
+        free = [r for r in ranked if len(r.held) + len(r.loading) < limit]
         if free:
-            return min(free, key=lambda r: (len(r.held) + len(r.loading), r.inflight))
-        victims = {r: v for r in capable if (v := _victim(r, adapter)) is not None}
-        if victims:
-            return min(victims, key=lambda r: r.held[victims[r]])
-        return min(capable, key=_busy)
+            return free[0]
+        return next((r for r in ranked if _victim(r, adapter) is not None), ranked[0])
 
     @staticmethod
     def _claim(replica: Replica, adapter: str | None) -> Replica:
@@ -407,13 +409,15 @@ class VLLMEngine:
     async def _load_on(self, replica: Replica, adapter: str) -> None:
         """Load (in place: whatever the replica held under this name is replaced by our files)."""
         async with replica.lock:
+            path = self._paths.get(adapter)
+            if path is None:
+                raise EngineError(f"adapter {adapter!r} was unloaded")
+            if await self._held_by_others(replica, adapter, path):
+                return
             if adapter not in replica.held and len(replica.held) >= self._config.max_loras:
                 victim = _victim(replica, adapter)
                 if victim is not None:
                     await self._unload_on(replica, victim)
-            path = self._paths.get(adapter)
-            if path is None:
-                raise EngineError(f"adapter {adapter!r} was unloaded")
             started = time.perf_counter()
             response = await self._post(replica, "/v1/load_lora_adapter",
                                         {"lora_name": adapter, "lora_path": path, "load_inplace": True})
@@ -430,6 +434,29 @@ class VLLMEngine:
             raise RequestRejected(f"vLLM rejected adapter {adapter!r}: {message}", code="invalid_adapter")
         raise EngineError(f"vLLM at {replica.url} could not load adapter {adapter!r}: {response.status_code} {message}",
                           kind="adapter")
+
+    async def _held_by_others(self, replica: Replica, adapter: str, path: str) -> bool:
+        """Before loading: what the replica holds now, as other gateways may have loaded adapters
+        there. Adapters this gateway serves, loaded from the same (content-addressed) files, are
+        taken as held, counted as just used so that this gateway's own idle ones are evicted first;
+        whether `adapter` itself is among them (nothing to load) is the answer."""
+        try:
+            response = await self._client.get(replica.url + "/v1/models", timeout=self._config.connect_timeout_s)
+            response.raise_for_status()
+            roots = {m["id"]: m.get("root") for m in response.json()["data"] if m.get("parent")}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return False  # the load itself will tell what is wrong
+        now = time.monotonic()
+        for name, root in roots.items():
+            if name not in replica.held and self._paths.get(name) == root:
+                replica.held[name] = now
+        for name in [n for n in replica.held if n not in roots and not replica.active[n]]:
+            del replica.held[name]  # evicted by another gateway: no request of ours may go there
+        if roots.get(adapter) == path:
+            log.info("adapter %s is on %s already (another gateway loaded it)", adapter, replica.url)
+            replica.held[adapter] = now
+            return True
+        return False
 
     async def _unload_on(self, replica: Replica, adapter: str) -> None:
         """Unload (the caller holds replica.lock). Forgotten first, so no new request picks it here."""
@@ -588,6 +615,11 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     """A response body's lines (server-sent events), as text."""
     async for line in content:
         yield line.decode(errors="replace")  # bad bytes become a malformed event, not a crash
+
+
+def _rank(adapter: str, url: str) -> bytes:
+    """Rendezvous (highest random weight) hashing; sorted ascending, the first is the adapter's home."""
+    return hashlib.sha256(f"{adapter}\0{url}".encode()).digest()
 
 
 def _busy(replica: Replica) -> int:

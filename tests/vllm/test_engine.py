@@ -326,3 +326,37 @@ def test_an_adapter_a_replica_already_holds_is_loaded_again_from_our_files(
 
     run(make_engine(tmp_path, gateway_model_dir, [replica]), body)
     assert ops(replica.fake.loads) == ["alpha"]
+
+
+def test_two_gateways_agree_on_placement_and_do_not_evict_each_others_adapters(
+        fakes: Fakes, tmp_path: Path, gateway_model_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+    """Two gateways (two engines, as two replicas of the gateway have) on the same three vLLM
+    replicas with two slots each: every adapter goes live on both (as promotion and the replicas'
+    sync do), then both serve all of them. Each adapter is loaded once in the whole system, on the
+    replica rendezvous hashing gives it, and nothing is evicted."""
+    servers = [fakes(), fakes(), fakes()]
+    names = [f"{base}-{i}" for i in range(2) for base in adapter_dirs]  # 6 adapters for 6 slots
+    first = make_engine(tmp_path, gateway_model_dir, servers, max_loras=2)
+    second = make_engine(tmp_path, gateway_model_dir, servers, max_loras=2)
+    sources = {name: adapter_dirs[name.rsplit("-", 1)[0]] for name in names}
+
+    async def main() -> None:
+        for engine in (first, second):
+            await asyncio.wait_for(engine.start(), 20)
+        try:
+            for engine in (first, second):
+                for name in names:
+                    await engine.load_adapter(name, sources[name])
+            for _ in range(2):
+                for engine in (first, second):
+                    for name in names:
+                        assert (await ask(engine, "hi", name))[0] == f"[{name}] hi"
+        finally:
+            for engine in (first, second):
+                await engine.close()
+
+    asyncio.run(main())
+    loads = [n for s in servers for n in ops(s.fake.loads)]
+    unloads = [n for s in servers for n in ops(s.fake.unloads)]
+    assert sorted(loads) == sorted(names) and unloads == []
+    assert sum(len(s.fake.adapters) for s in servers) == len(names)
