@@ -1,5 +1,5 @@
-"""Real PostgreSQL and Redis servers for the replica tests, each on a free loopback port in a temporary
-folder, started and stopped by the tests (Debian's packages, installed by `make test-deps`)."""
+"""Real PostgreSQL and Redis servers on free loopback ports in temporary folders, for the replica tests and
+the replica benchmark (Debian's packages, installed by `make test-deps`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from tests.reliability.processes import free_port
+from loadtests.stack import free_port
 
 
 def _pg_bin(name: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.gateway.conftest import gateway_model_dir  # noqa: F401
-from tests.replicas.servers import Postgres, Redis
+from loadtests.servers import Postgres, Redis
 
 
 @pytest.fixture(scope="session")

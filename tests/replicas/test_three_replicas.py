@@ -20,7 +20,7 @@ import pytest
 from tests.gateway.conftest import ADMIN_KEY
 from tests.lifecycle.conftest import CANARY, adapter_files, make_lora
 from tests.reliability.processes import Child, children, gateway
-from tests.replicas.servers import Postgres, Redis
+from loadtests.servers import Postgres, Redis
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROPAGATION_S = 10.0  # the bound asserted here on a loaded CI machine; the benchmark measures p50/p99
