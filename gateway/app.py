@@ -18,6 +18,7 @@ from gateway.admin.adapters.api_router import UPLOAD_PATH
 from gateway.admin.adapters.api_router import router as adapters_router
 from gateway.admin.tenants.api_router import router as tenants_router
 from gateway.body_limit import BodyLimit
+from gateway.catalog import Catalog
 from gateway.changes import Announcer, ChangeFeed, replica_id
 from gateway.context import Context
 from gateway.control_tokens import ContentGuard
@@ -99,7 +100,7 @@ async def _start_engine(ctx: Context) -> None:
     if ctx.feed is not None:
         await ctx.lifecycle.sync()  # what other replicas changed while this one started
     log.info("ready in %.1f s: model %s, adapters %s", time.perf_counter() - started, engine.model_id,
-             sorted(ctx.served_adapters()) or "none")
+             sorted(ctx.catalog.served()) or "none")
 
 
 def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
@@ -126,7 +127,8 @@ def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
                       admin_key_sha256=hash_key(admin_key) if admin_key else None,
                       metrics_key_sha256=hash_key(settings.metrics_key.get_secret_value()) if settings.metrics_key else None,
                       anonymous=anonymous,
-                      started_at=int(time.time()), lifecycle=lifecycle, replica=replica)
+                      started_at=int(time.time()), lifecycle=lifecycle,
+                      catalog=Catalog(engine, lifecycle, settings.routes), replica=replica)
         if isinstance(ctx.limiter, SharedLimiter):
             ctx.streams = ctx.limiter  # the same Redis counts every replica's streams
         ctx.feed = change_feed(ctx, sessions)

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from gateway.adapters.lifecycle import Lifecycle
+from gateway.catalog import Catalog
 from gateway.changes import ChangeFeed
 from gateway.control_tokens import ContentGuard
 from gateway.engines.base import Engine
@@ -34,6 +35,7 @@ class Context:
     anonymous: bool  # no admin key and no tenants at start: every caller is the anonymous tenant
     started_at: int  # Unix time, the `created` of the models listed
     lifecycle: Lifecycle  # uploads, canary, promotion and retirement of adapters
+    catalog: Catalog  # which models a caller may reach: routes and the admin API ask only it
     replica: str = "gateway"  # this gateway's name among its replicas (gateway/changes.py)
     feed: ChangeFeed | None = None  # other replicas' changes (PostgreSQL only)
     tasks: set[asyncio.Task] = field(default_factory=set)  # detached work (judging), kept alive until done
@@ -41,19 +43,12 @@ class Context:
     # special-token spellings made plain text in message content; read from the model at start
     content_guard: ContentGuard = field(default_factory=lambda: ContentGuard(frozenset()))
 
-    def served_adapters(self) -> frozenset[str]:
-        """The adapters clients may call: loaded, and not held back by the lifecycle (a candidate
-        under its canary, an adapter being retired)."""
-        return self.engine.adapters() - self.lifecycle.held_back
 
     def create_known_series(self) -> None:
         """Metric series at 0 for every tenant and every model it may call (see Metrics.create_series);
         run at start and whenever a tenant or an adapter is added."""
-        base = self.engine.model_id
         callers = [ANONYMOUS] if self.anonymous else self.tenants.all()
-        models = [base, *sorted(self.served_adapters())]
-        self.metrics.create_series([(t.name, m) for t in callers for m in models if m == base or t.may_use(m)],
-                                   self.engine.name)
+        self.metrics.create_series([(t.name, m) for t in callers for m in self.catalog.visible(t)], self.engine.name)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` detached from any request, so no response or connection waits for it."""

@@ -90,6 +90,7 @@ class Lifecycle:
         self.store = AdapterStore(settings.state_dir / "adapters")
         self.runner = CanaryRunner(engine, settings.canary, judge, registry)
         self.held_back: frozenset[str] = frozenset()  # loaded in the engine, not to be routed to
+        self.live: frozenset[str] = frozenset()  # the names the registry has live, as of the last change
         self._unloading: frozenset[str] = frozenset()  # held back, their unload failed: retried on schedule
         self._resident: dict[str, str] = {}  # uploaded adapters loaded in the engine: name -> record id
         self._sync_lock = asyncio.Lock()
@@ -585,7 +586,10 @@ class Lifecycle:
                 pass
 
     async def _refresh(self) -> None:
-        """The state gauge (every state, 0 for none) and the served adapters' metric series."""
+        """The live names (gateway/catalog.py routes only to these), the state gauge (every state, 0
+        for none) and the served adapters' metric series."""
+        live = await asyncio.to_thread(self.registry.all, (State.LIVE,))
+        self.live = frozenset(r.name for r in live)
         counts = await asyncio.to_thread(self.registry.counts)
         for state, n in counts.items():
             self.metrics.adapters.labels(state.value).set(n)

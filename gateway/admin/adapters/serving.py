@@ -103,7 +103,7 @@ class AdapterAdmin:
 
     def info(self, record: AdapterRecord) -> AdapterInfo:
         last = self.lifecycle.registry.run(record.last_run_id) if record.last_run_id else None
-        serving = record.name in self.ctx.served_adapters() and record.state == "live"
+        serving = self.ctx.catalog.serving(record.name) and record.state == "live"
         granted = set(record.tenants)
         callers = [t.name for t in self.ctx.tenants.all() if "*" in t.adapters or t.name in granted or t.may_use(record.name)]
         return AdapterInfo.of(record, serving, self.lifecycle.probing(record), last, callers)

@@ -272,13 +272,11 @@ class ChatServing:
         return prompt_text(generation.messages)
 
     def _generation_request(self, body: Any, tenant: Tenant) -> GenerationRequest:
-        engine, limits = self.ctx.engine, self.ctx.settings.limits
-        if body.model == engine.model_id:
-            adapter = None
-        elif body.model in self.ctx.served_adapters() and tenant.may_use(body.model):
-            adapter = body.model
-        else:
-            raise model_not_found(body.model)
+        limits = self.ctx.settings.limits
+        try:
+            adapter = self.ctx.catalog.resolve(tenant, body.model)
+        except KeyError:
+            raise model_not_found(body.model) from None
         generation = self._inputs(body)
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens

@@ -1,4 +1,4 @@
-"""What a tenant may call: the base model and the loaded adapters it is allowed."""
+"""What a tenant may call, as the catalog says (gateway/catalog.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,5 @@ from gateway.tenants import Tenant
 
 
 def visible_models(ctx: Context, tenant: Tenant) -> ModelList:
-    engine, created = ctx.engine, ctx.started_at
-    cards = [ModelCard(id=engine.model_id, created=created, owned_by="salora")]
-    cards += [ModelCard(id=name, created=created, owned_by="salora")
-              for name in sorted(ctx.served_adapters()) if tenant.may_use(name)]
-    return ModelList(data=cards)
+    return ModelList(data=[ModelCard(id=name, created=ctx.started_at, owned_by="salora")
+                           for name in ctx.catalog.visible(tenant)])
