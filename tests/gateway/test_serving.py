@@ -137,6 +137,8 @@ def test_adapters_load_and_unload_at_runtime(serve_app, tmp_path, gateway_model_
     engine = live.ctx.engine
     base = live.chat("any", "tiny", PROMPTS[0], max_tokens=12).choices[0].message.content
     asyncio.run(engine.load_adapter("gamma", adapter_dirs["alpha"]))
+    assert [m.id for m in live.client("any").models.list().data] == ["tiny"]  # loaded, but not live: not routable
+    live.ctx.lifecycle.live |= {"gamma"}  # this test drives the engine directly, so it declares it live itself
     assert [m.id for m in live.client("any").models.list().data] == ["tiny", "gamma"]
     assert live.chat("any", "gamma", PROMPTS[0], max_tokens=12).choices[0].message.content != base
     with pytest.raises(ValueError, match="already loaded"):

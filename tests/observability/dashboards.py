@@ -19,7 +19,8 @@ RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.yml"))
 DESIGN_METRICS = frozenset({
     "salora_requests_total", "salora_request_duration_seconds", "salora_time_to_first_token_seconds",
     "salora_tokens_total", "salora_responses_total", "salora_canary_refusal_rate", "salora_canary_runs_total",
-    "salora_adapters", "salora_engine_errors_total",
+    "salora_adapters", "salora_engine_errors_total", "salora_shared_limits_up", "salora_limit_fallbacks_total",
+    "salora_change_feed_up", "salora_change_propagation_seconds",
 })
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 

@@ -39,7 +39,7 @@ REQUIRED_PANELS = {
 REQUIRED_ALERTS = {
     "SaloraAdapterRefusalRateBelowCanaryBaseline", "SaloraAdapterRefusalRateJump", "SaloraCanaryFailed",
     "SaloraCanaryErrors", "SaloraHighErrorRatio", "SaloraEngineErrors", "SaloraHighLatency",
-    "SaloraSlowTimeToFirstToken", "SaloraGatewayDown",
+    "SaloraSlowTimeToFirstToken", "SaloraGatewayDown", "SaloraSharedLimitsDown", "SaloraChangeFeedDown",
 }
 
 

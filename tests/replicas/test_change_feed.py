@@ -31,7 +31,7 @@ class Recorder:
         return run
 
 
-async def _wait(check, timeout: float = 10.0) -> None:
+async def _wait(check, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "the change did not arrive"
