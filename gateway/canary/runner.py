@@ -12,10 +12,11 @@ from typing import Any, Protocol
 
 from gateway.canary.config import CanaryConfig
 from gateway.canary.degenerate import degenerate
-from gateway.canary.judges import ChatJudge, JudgeError, canary_judges
+from gateway.canary.judges import canary_judges
 from gateway.canary.probes import Probe, probe_set_key, select_probes
 from gateway.canary.report import Judged, ProbeOutcome, report
 from gateway.engines.base import Engine, EngineError, GenerationRequest, RequestRejected
+from salora.chat_judge import ChatJudge, JudgeError
 from salora.judge import Judge
 
 
