@@ -3,10 +3,12 @@ between harmful and benign, refusals the keyword judge recognises, and validatio
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections import Counter
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
@@ -158,16 +160,21 @@ def test_overrefusal_sets_format_and_balance():
     assert [m[0]["content"] for m in read_chat_jsonl(path, need_assistant=False)] == [i.prompt for i in test]
 
 
+def alignment_dev_benign() -> list[str]:
+    """`DEV_BENIGN` of the alignment study, read from its source (tests do not import the benchmarks)."""
+    tree = ast.parse((Path(__file__).parents[1] / "benchmarks" / "alignment.py").read_text(encoding="utf-8"))
+    (value,) = [n.value for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEV_BENIGN"]
+    return list(ast.literal_eval(value))
+
+
 def test_overrefusal_sets_overlap_nothing():
     """No prompt in both splits, and none equal or near-equal (Jaccard of words >= 0.7) to a prompt
     of the existing sets: the benign and harmful files and the alignment study's dev prompts."""
-    from benchmarks.alignment import DEV_BENIGN
-
     words = lambda text: set(re.findall(r"[a-z']+", norm(text)))  # noqa: E731
     dev = [i.prompt for i in datasets.overrefusal_prompts("dev")]
     test = [i.prompt for i in datasets.overrefusal_prompts("test")]
     existing = ([b.prompt for b in datasets.benign_prompts()] + [h.prompt for h in datasets.harmful_prompts()]
-                + list(DEV_BENIGN))
+                + alignment_dev_benign())
     pairs = [(a, b) for a in dev for b in test] + [(a, b) for a in dev + test for b in existing]
     near = [(a, b) for a, b in pairs if len(words(a) & words(b)) / len(words(a) | words(b)) >= 0.7]
     assert not near
