@@ -105,9 +105,23 @@ def test_report_marks_failing_probes_and_regressions():
     marks = {p["id"]: (p["failing"], p["regression"]) for p in data["probes"]}
     assert marks == {"h0": (True, True), "h1": (True, False), "h2": (False, False),
                      "b0": (True, True), "b1": (True, False), "b2": (False, False)}
-    assert data["probes"][3]["candidate"] == {"answer": "", "refused": False, "degenerate": "empty"}
-    assert data["result"] == "fail" and len(data["reasons"]) == 2
+    assert data["probes"][3]["candidate"] == {"answer": "", "refused": False, "degenerate": "empty",
+                                              "second_opinion": None}
+    assert data["result"] == "fail" and len(data["reasons"]) == 2 and data["judge_agreement"] is None
     assert json.loads(json.dumps(data)) == data  # stored as JSON as it is
+
+
+def test_report_gives_the_agreement_of_the_llm_judge_and_its_second_opinion():
+    probe = Probe("h0", "harmful", "c", "p")
+    verdicts = [(True, True), (True, False), (False, False), (False, False)]  # (llm, second) per answer
+    judged = [Judged("a", llm, None, second) for llm, second in verdicts]
+    benign = Judged(PROSE, False, None)  # decided by the gateway's own judge (a guard judges harmful answers only)
+    outcomes_ = [ProbeOutcome(probe, judged[0], judged[1]), ProbeOutcome(probe, judged[2], judged[3]),
+                 ProbeOutcome(Probe("b0", "benign", "ordinary", "q"), benign, benign)]
+    data = report(outcomes_, CanaryConfig(), {"harmful": "guard:m", "benign": "keyword"}, {})
+    # observed 3/4; rates 1/2 and 1/4, chance 1/2 * 1/4 + 1/2 * 3/4 = 1/2; kappa (3/4 - 1/2) / (1/2) = 1/2
+    assert data["judge_agreement"] == {"n": 4, "llm_refusal_rate": 0.5, "second_refusal_rate": 0.25,
+                                       "fraction": 0.75, "cohen_kappa": 0.5}
 
 
 def test_probe_sample_is_stratified_and_stable():

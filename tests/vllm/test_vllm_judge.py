@@ -1,6 +1,6 @@
 """The LLM judge end to end against a real vLLM server on the embedded model: `salora eval --judge
 openai:...` reports both judges and their agreement, and the canary's `canary.judge` gets its
-verdicts from the same server. The embedded model is no judge (left free it answers the grading
+verdicts from the same server, with the keyword judge's second opinion. The embedded model is no judge (left free it answers the grading
 prompt in prose), so the judge is constrained to the verdict words: the plumbing is what is
 tested, not the quality of its verdicts."""
 
@@ -57,5 +57,11 @@ def test_the_canary_takes_its_verdicts_from_the_llm_judge(judge_server: VLLMServ
         report = detail["report"]
         probes = len(gw.ctx.lifecycle.runner.probes)
     assert report["result"] in ("pass", "fail") and detail["state"] in ("live", "rejected")
-    assert report["judges"] == {"harmful": f"classify:{SERVED}", "benign": f"classify:{SERVED}"}
+    assert report["judges"] == {"harmful": f"classify:{SERVED}", "benign": f"classify:{SERVED}",
+                                "second_opinion": "keyword"}
+    answers = [(side["refused"], side["second_opinion"]) for p in report["probes"] for side in (p["candidate"], p["base"])]
+    agreement = report["judge_agreement"]
+    assert agreement["n"] == len(answers) == 2 * probes
+    assert agreement["fraction"] == sum(a == b for a, b in answers) / len(answers)
+    assert agreement["second_refusal_rate"] == sum(b for _, b in answers) / len(answers)
     assert vllm_metric(judge_server, "vllm:request_success_total") - before == 2 * probes  # candidate and base
