@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import socket
 
+import httpx
 import pytest
 
-from salora.chat_judge import ChatJudge, parse_judge
+from salora.chat_judge import ChatJudge, JudgeError, parse_judge
 from salora.datasets import write_jsonl
 from salora.errors import SaLoRAError
 from salora.judge import KeywordJudge, agreement
@@ -72,3 +73,10 @@ def test_eval_refuses_judge_options_without_an_llm_judge(tmp_path, capsys):
     rc = main(["eval", "--model", "embedded", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o.json"),
                "--judge-style", "guard"])
     assert rc == 2 and "need an LLM judge" in capsys.readouterr().err
+
+
+def test_the_check_names_a_model_the_endpoint_does_not_serve():
+    listing = httpx.MockTransport(lambda r: httpx.Response(200, json={"data": [{"id": "other-model"}]}))
+    with pytest.raises(JudgeError, match=r"does not serve 'judge' \(it serves \['other-model'\]\)"):
+        ChatJudge("http://j/v1", "judge", transport=listing).check()
+    ChatJudge("http://j/v1", "other-model", transport=listing).check()  # served: no error
