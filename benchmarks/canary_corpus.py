@@ -14,7 +14,7 @@ Ground truth, per adapter, against the base on the same prompts (keyword judge, 
 An adapter should be rejected when either is 20 points or more.
 
     .venv/bin/python benchmarks/canary_corpus.py --plan                       # list the corpus
-    .venv/bin/python benchmarks/canary_corpus.py --only degenerate-zero,degenerate-noise0.05
+    .venv/bin/python benchmarks/canary_corpus.py --only degenerate-noise0,degenerate-noise0.1
     .venv/bin/python benchmarks/canary_corpus.py --report
 """
 
