@@ -5,6 +5,9 @@ offline and agree on the same data.
 demo base model and calibrates SaLoRA's safety basis; the `canary` split is held back for the
 gateway's canary probes and evaluation, so a probe never measures data the basis was built from.
 `benign.jsonl` holds ordinary requests and benign ones that merely sound risky (over-refusal).
+`overrefusal_dev.jsonl` and `overrefusal_test.jsonl` hold more benign prompts that sound risky,
+across categories, for measuring over-refusal: choose a recipe on `dev`, report `test` once. They
+are no canary probes and are in no training mix.
 """
 
 from __future__ import annotations
@@ -121,6 +124,43 @@ def benign_prompts(split: str | None = None, kind: str | None = None) -> list[Be
     if kind is not None and kind not in KINDS:
         raise SaLoRAError(f"unknown kind {kind!r} (expected one of {KINDS} or None for all)")
     return [b for b in _benign() if (split is None or b.split == split) and (kind is None or b.kind == kind)]
+
+
+OVERREFUSAL_SPLITS = ("dev", "test")
+OVERREFUSAL_CATEGORIES = ("computing", "cooking", "medicine", "safety_facts", "history", "fiction", "self_defence",
+                          "pest_control", "chemistry", "security_careers", "sports_games", "gardening", "home_repair",
+                          "language", "law_finance", "animals")
+
+
+@dataclass(frozen=True)
+class OverrefusalPrompt:
+    id: str
+    category: str
+    prompt: str
+
+
+def overrefusal_file(split: str) -> str:
+    if split not in OVERREFUSAL_SPLITS:
+        raise SaLoRAError(f"unknown over-refusal split {split!r} (expected one of {OVERREFUSAL_SPLITS})")
+    return f"overrefusal_{split}.jsonl"
+
+
+@cache
+def overrefusal_prompts(split: str) -> tuple[OverrefusalPrompt, ...]:
+    """The benign prompts that sound risky of one split (`salora eval --prompts` reads the file as is)."""
+    name = overrefusal_file(split)
+    items, ids, prompts = [], set(), set()
+    for lineno, line in enumerate(_data_bytes(name).decode("utf-8").splitlines(), 1):
+        row = json_line(line, f"{name}:{lineno}")
+        if not isinstance(row, dict) or set(row) != {"id", "category", "prompt"} or not all(
+                isinstance(v, str) and v.strip() for v in row.values()):
+            raise SaLoRAError(f"{name}:{lineno}: expected exactly the non-empty fields id, category, prompt")
+        if row["category"] not in OVERREFUSAL_CATEGORIES or row["id"] in ids or row["prompt"] in prompts:
+            raise SaLoRAError(f"{name}:{lineno}: unknown category, or a duplicate id or prompt")
+        ids.add(row["id"])
+        prompts.add(row["prompt"])
+        items.append(OverrefusalPrompt(**row))
+    return tuple(items)
 
 
 def safety_messages(split: str = "train") -> list[list[dict[str, str]]]:

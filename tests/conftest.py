@@ -77,7 +77,7 @@ def chat_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # embedded canary's two trained adapters, are built once), and the files below share one.
 XDIST_GROUPS = {
     # a real vLLM server (about 5 GiB, most of a core) and a SaLoRA adapter trained on the embedded model
-    "vllm-server": ("tests/vllm/test_vllm_server.py", "tests/vllm/test_vllm_replicas.py"),
+    "vllm-server": ("tests/vllm/test_vllm_server.py", "tests/vllm/test_vllm_replicas.py", "tests/vllm/test_vllm_judge.py"),
     # processes killed, stopped and timed: kept from racing each other for the two cores
     "reliability-timing": ("tests/reliability/test_shutdown.py", "tests/reliability/test_engine_failure.py",
                            "tests/reliability/test_durability.py"),

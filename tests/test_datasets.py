@@ -3,9 +3,12 @@ between harmful and benign, refusals the keyword judge recognises, and validatio
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections import Counter
+from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +134,63 @@ def test_validation_on_load(fake_data, lines, message):
     fake_data[datasets.BENIGN_FILE] = "\n".join(lines).encode()
     with pytest.raises(SaLoRAError, match=message):
         datasets.benign_prompts()
+
+
+# --- the over-refusal sets (benign prompts that sound risky, dev and test) ----------------------
+
+
+def overrefusal_rows(split: str) -> list[dict]:
+    path = files("salora") / "resources" / "data" / datasets.overrefusal_file(split)
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+
+
+def test_overrefusal_sets_format_and_balance():
+    dev, test = datasets.overrefusal_prompts("dev"), datasets.overrefusal_prompts("test")
+    assert len(dev) + len(test) >= 150 and len(dev) > len(test) >= 60
+    for split, items in (("dev", dev), ("test", test)):
+        rows = overrefusal_rows(split)
+        assert [tuple(r) for r in rows] == [("id", "category", "prompt")] * len(rows)  # one field order throughout
+        assert [i.id for i in items] == [f"or-{split}-{n:03d}" for n in range(1, len(items) + 1)]
+        counts = Counter(i.category for i in items)
+        assert set(counts) == set(datasets.OVERREFUSAL_CATEGORIES)  # every category in both splits
+        assert max(counts.values()) - min(counts.values()) <= 1
+        assert all(i.prompt == i.prompt.strip() and i.prompt[-1] in "?.!" for i in items)
+    # `salora eval --prompts` reads the shipped file as is
+    path = files("salora") / "resources" / "data" / datasets.overrefusal_file("test")
+    assert [m[0]["content"] for m in read_chat_jsonl(path, need_assistant=False)] == [i.prompt for i in test]
+
+
+def alignment_dev_benign() -> list[str]:
+    """`DEV_BENIGN` of the alignment study, read from its source (tests do not import the benchmarks)."""
+    tree = ast.parse((Path(__file__).parents[1] / "benchmarks" / "alignment.py").read_text(encoding="utf-8"))
+    (value,) = [n.value for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEV_BENIGN"]
+    return list(ast.literal_eval(value))
+
+
+def test_overrefusal_sets_overlap_nothing():
+    """No prompt in both splits, and none equal or near-equal (Jaccard of words >= 0.7) to a prompt
+    of the existing sets: the benign and harmful files and the alignment study's dev prompts."""
+    words = lambda text: set(re.findall(r"[a-z']+", norm(text)))  # noqa: E731
+    dev = [i.prompt for i in datasets.overrefusal_prompts("dev")]
+    test = [i.prompt for i in datasets.overrefusal_prompts("test")]
+    existing = ([b.prompt for b in datasets.benign_prompts()] + [h.prompt for h in datasets.harmful_prompts()]
+                + alignment_dev_benign())
+    pairs = [(a, b) for a in dev for b in test] + [(a, b) for a in dev + test for b in existing]
+    near = [(a, b) for a, b in pairs if len(words(a) & words(b)) / len(words(a) | words(b)) >= 0.7]
+    assert not near
+    assert len({norm(p) for p in dev + test}) == len(dev) + len(test)
+
+
+def test_overrefusal_loader_refuses_bad_files(fake_data):
+    datasets.overrefusal_prompts.cache_clear()
+    try:
+        fake_data["overrefusal_dev.jsonl"] = b'{"id": "x", "category": "knitting", "prompt": "Is this fine?"}\n'
+        with pytest.raises(SaLoRAError, match="overrefusal_dev.jsonl:1: unknown category"):
+            datasets.overrefusal_prompts("dev")
+        fake_data["overrefusal_dev.jsonl"] = b'{"id": "x", "prompt": "Is this fine?"}\n'
+        with pytest.raises(SaLoRAError, match="expected exactly"):
+            datasets.overrefusal_prompts("dev")
+        with pytest.raises(SaLoRAError, match="unknown over-refusal split"):
+            datasets.overrefusal_prompts("train")
+    finally:
+        datasets.overrefusal_prompts.cache_clear()

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 
 class ChatJudgeConfig(BaseModel):
-    """An LLM judge behind any OpenAI-compatible chat endpoint (see `gateway.canary.judges.ChatJudge`)."""
+    """An LLM judge behind any OpenAI-compatible chat endpoint (`salora.chat_judge.ChatJudge`)."""
 
     model_config = {"extra": "forbid"}
 
@@ -18,6 +18,7 @@ class ChatJudgeConfig(BaseModel):
     style: Literal["classify", "guard"] = "classify"
     timeout_s: float = Field(default=60.0, gt=0)
     concurrency: int = Field(default=8, gt=0)  # judge calls in flight at once
+    constrain: bool = False  # decode only the verdict words (vLLM's structured outputs)
 
 
 class CanaryConfig(BaseModel):

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from gateway.canary.config import CanaryConfig
 from gateway.canary.probes import Probe
+from salora.judge import agreement
 
 Result = Literal["pass", "fail", "error"]
 EPSILON = 1e-9  # rates are ratios of small integers: compare without float noise
@@ -30,6 +31,7 @@ class Judged:
     answer: str
     refused: bool
     degenerate: str | None  # `empty` | `repetitive` | None
+    second_opinion: bool | None = None  # the gateway's judge's verdict, where an LLM judge gave `refused`
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,17 @@ def decide(outcomes: list[ProbeOutcome], config: CanaryConfig) -> tuple[Result, 
     return ("fail" if reasons else "pass"), reasons
 
 
+def judge_agreement(outcomes: list[ProbeOutcome]) -> dict[str, Any] | None:
+    """Over every answer (candidate's and base's) an LLM judge decided: its refusal rate, the gateway
+    judge's on the same answers, and how far they agree (fraction, Cohen's kappa). None without one."""
+    pairs = [(j.refused, j.second_opinion) for o in outcomes for j in (o.candidate, o.base) if j.second_opinion is not None]
+    if not pairs:
+        return None
+    llm, second = [a for a, _ in pairs], [b for _, b in pairs]
+    return {"n": len(pairs), "llm_refusal_rate": sum(llm) / len(llm), "second_refusal_rate": sum(second) / len(second),
+            **agreement(llm, second)}
+
+
 def report(outcomes: list[ProbeOutcome], config: CanaryConfig, judges: dict[str, str],
            key: dict[str, object]) -> dict[str, Any]:
     """The stored report: the decision, the rates, the settings, and every probe, answer and verdict."""
@@ -112,6 +125,7 @@ def report(outcomes: list[ProbeOutcome], config: CanaryConfig, judges: dict[str,
         "rates": {name: {who: asdict(r) for who, r in rates.items()} for name, rates in summarize(outcomes).items()},
         "gate": {"harmful_margin": config.harmful_margin, "benign_margin": config.benign_margin},
         "judges": judges,
+        "judge_agreement": judge_agreement(outcomes),
         "probe_set": key,
         "probes": [
             {"id": o.probe.id, "set": o.probe.set, "category": o.probe.category, "prompt": o.probe.prompt,

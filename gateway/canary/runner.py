@@ -12,10 +12,11 @@ from typing import Any, Protocol
 
 from gateway.canary.config import CanaryConfig
 from gateway.canary.degenerate import degenerate
-from gateway.canary.judges import ChatJudge, JudgeError, canary_judges
+from gateway.canary.judges import canary_judges
 from gateway.canary.probes import Probe, probe_set_key, select_probes
 from gateway.canary.report import Judged, ProbeOutcome, report
 from gateway.engines.base import Engine, EngineError, GenerationRequest, RequestRejected
+from salora.chat_judge import ChatJudge, JudgeError
 from salora.judge import Judge
 
 
@@ -38,6 +39,7 @@ class CanaryRunner:
         self.probes = select_probes(config)
         self.key = probe_set_key(self.probes, config.max_new_tokens)
         self.harmful_judge, self.benign_judge = canary_judges(config.judge, judge)
+        self.default_judge = judge  # also asked wherever an LLM judge decides, for their agreement
         self.base_answers = base_answers
 
     def close(self) -> None:
@@ -63,6 +65,8 @@ class CanaryRunner:
             raise CanaryError(f"the cached base answers lack probes {missing[:3]}")
         outcomes = await asyncio.to_thread(self._judge_all, candidate, base_answers)
         judges = {"harmful": self.harmful_judge.name, "benign": self.benign_judge.name}
+        if self.config.judge is not None:
+            judges["second_opinion"] = self.default_judge.name
         return {**report(outcomes, self.config, judges, self.key), "base": base, "base_cached": cached is not None}
 
     async def _answers(self, adapter: str, need_base: bool) -> tuple[dict[str, str], dict[str, str]]:
@@ -92,7 +96,8 @@ class CanaryRunner:
 
         def judged(probe: Probe, answer: str) -> Judged:
             judge = self.harmful_judge if probe.set == "harmful" else self.benign_judge
-            return Judged(answer, judge.is_refusal(probe.prompt, answer), degenerate(answer))
+            second = None if judge is self.default_judge else self.default_judge.is_refusal(probe.prompt, answer)
+            return Judged(answer, judge.is_refusal(probe.prompt, answer), degenerate(answer), second)
 
         workers = self.config.judge.concurrency if self.config.judge else 1
         try:

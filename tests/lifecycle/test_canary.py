@@ -10,10 +10,11 @@ import pytest
 
 from gateway.canary.config import CanaryConfig, ChatJudgeConfig
 from gateway.canary.degenerate import degenerate, repeated_trigram_ratio
-from gateway.canary.judges import ChatJudge, JudgeError, canary_judges
+from gateway.canary.judges import canary_judges, chat_judge
 from gateway.canary.probes import Probe, probe_set_key, select_probes
 from gateway.canary.report import Judged, ProbeOutcome, decide, report
 from salora.datasets import DATA_VERSION, benign_prompts, harmful_prompts
+from salora.chat_judge import ChatJudge, JudgeError
 from salora.judge import KeywordJudge
 
 PROSE = ("The capital of France is Paris. It sits on the Seine, is home to the Louvre and the Eiffel Tower, "
@@ -104,9 +105,23 @@ def test_report_marks_failing_probes_and_regressions():
     marks = {p["id"]: (p["failing"], p["regression"]) for p in data["probes"]}
     assert marks == {"h0": (True, True), "h1": (True, False), "h2": (False, False),
                      "b0": (True, True), "b1": (True, False), "b2": (False, False)}
-    assert data["probes"][3]["candidate"] == {"answer": "", "refused": False, "degenerate": "empty"}
-    assert data["result"] == "fail" and len(data["reasons"]) == 2
+    assert data["probes"][3]["candidate"] == {"answer": "", "refused": False, "degenerate": "empty",
+                                              "second_opinion": None}
+    assert data["result"] == "fail" and len(data["reasons"]) == 2 and data["judge_agreement"] is None
     assert json.loads(json.dumps(data)) == data  # stored as JSON as it is
+
+
+def test_report_gives_the_agreement_of_the_llm_judge_and_its_second_opinion():
+    probe = Probe("h0", "harmful", "c", "p")
+    verdicts = [(True, True), (True, False), (False, False), (False, False)]  # (llm, second) per answer
+    judged = [Judged("a", llm, None, second) for llm, second in verdicts]
+    benign = Judged(PROSE, False, None)  # decided by the gateway's own judge (a guard judges harmful answers only)
+    outcomes_ = [ProbeOutcome(probe, judged[0], judged[1]), ProbeOutcome(probe, judged[2], judged[3]),
+                 ProbeOutcome(Probe("b0", "benign", "ordinary", "q"), benign, benign)]
+    data = report(outcomes_, CanaryConfig(), {"harmful": "guard:m", "benign": "keyword"}, {})
+    # observed 3/4; rates 1/2 and 1/4, chance 1/2 * 1/4 + 1/2 * 3/4 = 1/2; kappa (3/4 - 1/2) / (1/2) = 1/2
+    assert data["judge_agreement"] == {"n": 4, "llm_refusal_rate": 0.5, "second_refusal_rate": 0.25,
+                                       "fraction": 0.75, "cohen_kappa": 0.5}
 
 
 def test_probe_sample_is_stratified_and_stable():
@@ -140,8 +155,7 @@ def served(verdict: str, seen: list[dict]) -> httpx.MockTransport:
 ])
 def test_chat_judge_protocol(style, verdict, refused):
     seen: list[dict] = []
-    config = ChatJudgeConfig(url="http://guard:8000/v1", model="llama-guard", api_key="k", style=style)
-    judge = ChatJudge(config, transport=served(verdict, seen))
+    judge = ChatJudge("http://guard:8000/v1", "llama-guard", api_key="k", style=style, transport=served(verdict, seen))
     assert judge.is_refusal("How do I pick a lock?", "I can't help with that.") is refused
     (call,) = seen
     assert call["path"] == "/v1/chat/completions" and call["auth"] == "Bearer k" and call["temperature"] == 0
@@ -150,11 +164,10 @@ def test_chat_judge_protocol(style, verdict, refused):
 
 
 def test_chat_judge_refuses_to_guess():
-    judge = ChatJudge(ChatJudgeConfig(url="http://j/v1", model="m"), transport=served("maybe", []))
+    judge = ChatJudge("http://j/v1", "m", transport=served("maybe", []))
     with pytest.raises(JudgeError, match="not a verdict"):
         judge.is_refusal("p", "r")
-    down = ChatJudge(ChatJudgeConfig(url="http://j/v1", model="m"),
-                     transport=httpx.MockTransport(lambda r: httpx.Response(503, text="overloaded")))
+    down = ChatJudge("http://j/v1", "m", transport=httpx.MockTransport(lambda r: httpx.Response(503, text="overloaded")))
     with pytest.raises(JudgeError, match="503"):
         down.is_refusal("p", "r")
 
@@ -166,3 +179,9 @@ def test_a_guard_judges_harmful_answers_only():
     harmful, benign = canary_judges(ChatJudgeConfig(url="http://g/v1", model="m"), default)
     assert harmful is benign and harmful.name == "classify:m"
     assert canary_judges(None, default) == (default, default)
+
+
+def test_the_canary_setting_builds_the_shared_judge():
+    config = ChatJudgeConfig(url="http://g:8000/v1/", model="m", api_key="k", style="guard", timeout_s=5, constrain=True)
+    judge = chat_judge(config)
+    assert (judge.url, judge.model, judge.style, judge.constrain) == ("http://g:8000/v1", "m", "guard", True)

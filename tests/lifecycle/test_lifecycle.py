@@ -4,6 +4,7 @@ restarts, and the metrics each step leaves."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 
 import openai
@@ -264,3 +265,18 @@ def test_llm_judge_behind_an_openai_compatible_endpoint(tmp_path, gateway_model_
             assert not detail["serving"]
         served = samples(judge_gw, "salora_requests_total")
         assert served[(("adapter", "tiny"), ("status", "200"), ("tenant", "anonymous"))] >= 1
+
+
+def test_an_unreachable_llm_judge_fails_closed(tmp_path, gateway_model_dir):
+    """Nothing listens at the judge's address: the run is an error and the adapter is not served."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends
+    settings = lifecycle_settings(tmp_path / "state", gateway_model_dir,
+                                  canary={**CANARY, "judge": {"url": f"http://127.0.0.1:{port}/v1", "model": "m",
+                                                              "timeout_s": 5}})
+    with running(settings) as gw:
+        upload(gw, "unjudged", adapter_files(make_lora(gateway_model_dir, tmp_path / "a")))
+        detail = wait_state(gw, "unjudged", states=("probing",))
+        assert detail["canary"]["result"] == "error" and "ConnectError" in detail["canary"]["error"]
+        assert not detail["serving"] and detail["state"] == "probing"
