@@ -93,6 +93,7 @@ class Lifecycle:
         self.live: frozenset[str] = frozenset()  # the names the registry has live, as of the last change
         self._unloading: frozenset[str] = frozenset()  # held back, their unload failed: retried on schedule
         self._resident: dict[str, str] = {}  # uploaded adapters loaded in the engine: name -> record id
+        self._leaving: frozenset[str] = frozenset()  # being retired here
         self._sync_lock = asyncio.Lock()
         self.ready = False  # live adapters restored
         self._base: BaseModelInfo | None = None
@@ -185,6 +186,9 @@ class Lifecycle:
             changed = False
             for name, record_id in list(self._resident.items()):
                 if name in live and live[name].id == record_id:
+                    if name in self.held_back and record_id not in self._runs and name not in self._leaving:
+                        self.held_back -= {name}  # held here for a canary that another replica finished
+                        changed = True
                     continue
                 if record_id in self._runs or not await self._ended(record_id):  # read again: it may have
                     continue                                                   # gone live here meanwhile
@@ -363,6 +367,13 @@ class Lifecycle:
         return record
 
     async def _retire(self, record: AdapterRecord, actor: str, reason: str) -> AdapterRecord:
+        self._leaving |= {record.name}  # still live in the registry for a moment: `sync` must not release it
+        try:
+            return await self._retire_held(record, actor, reason)
+        finally:
+            self._leaving -= {record.name}
+
+    async def _retire_held(self, record: AdapterRecord, actor: str, reason: str) -> AdapterRecord:
         self.held_back |= {record.name}
         # Revoked first: a crash in between leaves it live, and the start grants it again. The other
         # way round, tenants would keep a retired name, and with it a later adapter of that name.
@@ -469,8 +480,9 @@ class Lifecycle:
                 "lease_until": datetime.now(UTC) + timedelta(seconds=self.config.canary_lease_s)}
 
     async def _claim(self, record: AdapterRecord, trigger: str) -> None:
-        """Take over a probing adapter's canary, unless a live replica holds its lease."""
-        if record.leased() and record.lease_owner != self.replica:
+        """Take over a probing adapter's canary: the lease first (replicas asking at once: one gets
+        it), then the adapter loaded here, held back, for the run."""
+        if not await asyncio.to_thread(self.registry.take_lease, record.id, self.replica, self.config.canary_lease_s):
             return
         if await self._load_for_probing(record):
             self._spawn(record, trigger)
