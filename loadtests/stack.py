@@ -131,14 +131,16 @@ def gateway_config(upstream: Service, workdir: Path, port: int, max_streams: int
     return config
 
 
-def start_gateway(stack: ExitStack, workdir: Path, upstream: Service, max_streams: int | None = None) -> Service:
+def start_gateway(stack: ExitStack, workdir: Path, upstream: Service, max_streams: int | None = None,
+                  source: Path = ROOT, name: str = "gateway") -> Service:
+    """`salora serve` from the code in `source` (default: this checkout; an A/B run passes another)."""
     port = free_port()
-    config = workdir / "gateway.yaml"
+    config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(gateway_config(upstream, workdir, port, max_streams)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SALORA_") or k == "SALORA_HOME"}
-    proc, log = _spawn("gateway", [sys.executable, "-m", "salora_cli", "serve", "--config", str(config)], workdir,
-                       {**env, "PYTHONPATH": str(ROOT)})
-    service = Service("gateway", proc, f"http://127.0.0.1:{port}", upstream.model, TENANT_KEY, log)
+    proc, log = _spawn(name, [sys.executable, "-m", "salora_cli", "serve", "--config", str(config)], workdir,
+                       {**env, "PYTHONPATH": str(source)})
+    service = Service(name, proc, f"http://127.0.0.1:{port}", upstream.model, TENANT_KEY, log)
     stack.callback(service.stop)
     service.wait_ready("/readyz", 120)
     return service
