@@ -108,11 +108,15 @@ class _Answer:
         """After the last byte: metrics and the tokens-per-minute charge; then the judge's verdict on a
         completed answer (a blocking judge's detached from the connection)."""
         m, tenant, model = self.ctx.metrics, self.tenant.name, self.model
-        m.requests.labels(tenant, model, self.status).inc()
-        m.duration.labels(model).observe(time.perf_counter() - self.started)
-        m.ttft.labels(model).observe(self.ttft)
-        m.tokens.labels(tenant, model, "prompt").inc(self.prompt_tokens)
-        m.tokens.labels(tenant, model, "completion").inc(self.completion_tokens)
+        series = m.answer(tenant, model)
+        if self.status == "200":
+            series.ok.inc()
+        else:
+            m.requests.labels(tenant, model, self.status).inc()
+        series.duration.observe(time.perf_counter() - self.started)
+        series.ttft.observe(self.ttft)
+        series.prompt_tokens.inc(self.prompt_tokens)
+        series.completion_tokens.inc(self.completion_tokens)
         if self.status == "200":  # exact counts; a failed or abandoned answer keeps its whole reservation
             self.reservation.settle(self.prompt_tokens + self.completion_tokens)
         style = self.ctx.settings.request_log
@@ -138,7 +142,8 @@ class _Answer:
         except Exception:
             log.exception("the %s judge failed; answer left unclassified", self.ctx.judge.name)
             return
-        self.ctx.metrics.responses.labels(self.tenant.name, self.model, "true" if refused else "false").inc()
+        series = self.ctx.metrics.answer(self.tenant.name, self.model)
+        (series.refused if refused else series.not_refused).inc()
 
 
 class _EventStream(StreamingResponse):
@@ -315,7 +320,15 @@ class ChatServing:
 
     async def _complete(self, request: Request, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
                         headers: dict[str, str]) -> Response:
-        """Collect the whole answer, unless the client leaves first: then stop generating."""
+        """Collect the whole answer, unless the client leaves first: then stop generating. An engine
+        whose first chunk is the whole answer (vLLM's non-streamed one) has nothing left to wait for:
+        no watcher task then, which was two tasks and a wait per request (docs/performance.md)."""
+        if first.finish_reason is not None:
+            async with aclosing(stream):  # type: ignore[type-var]
+                answer.add(first)
+                async for chunk in stream:  # the stream's end, at once (its connection goes back to the pool)
+                    answer.add(chunk)
+            return self._json(answer, headers)
 
         async def collect() -> None:
             async with aclosing(stream):  # type: ignore[type-var]
@@ -339,6 +352,9 @@ class ChatServing:
             raise unavailable(str(error))
         if error is not None:
             raise error
+        return self._json(answer, headers)
+
+    def _json(self, answer: _Answer, headers: dict[str, str]) -> Response:
         body = {
             "id": answer.id, "object": self.object, "created": answer.created, "model": answer.model,
             "choices": [self._choice("".join(answer.parts), answer.finish_reason)], "usage": answer.usage,
