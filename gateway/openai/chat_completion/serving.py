@@ -239,7 +239,7 @@ class ChatServing:
                          id=f"{self.id_prefix}{uuid.uuid4().hex}")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EventStream(self._events(answer, first, stream, include_usage), release, headers=headers,
+            return _EventStream(self._events(answer, first, stream, include_usage, release), release, headers=headers,
                                 media_type="text/event-stream", background=BackgroundTask(answer.record))
         return await self._complete(request, answer, first, stream, headers)
 
@@ -361,35 +361,41 @@ class ChatServing:
         }
         return JSONResponse(body, headers=headers, background=BackgroundTask(answer.record))
 
-    async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
-                      include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        head = {"id": answer.id, "object": self.chunk_object, "created": answer.created, "model": answer.model}
-        # Everything around the delta is the same in every event: serialised once per stream, not per token.
-        prefix = f'data: {_dumps(head)[:-1]},"choices":[{{"index":0,'
-        suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
+    async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk], include_usage: bool,
+                      release: Callable[[], None]) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. The stream slot is
+        freed (`release`) once the last event is out but before the body's end: a client that opens
+        its next stream as soon as this one ends must find the slot free (the response's own release
+        comes only after the background task, and lost that race at the cap)."""
+        try:
+            head = {"id": answer.id, "object": self.chunk_object, "created": answer.created, "model": answer.model}
+            # Everything around the delta is the same in every event: serialised once per stream, not per token.
+            prefix = f'data: {_dumps(head)[:-1]},"choices":[{{"index":0,'
+            suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
 
-        def event(delta: str, finish_reason: str | None = None) -> str:
-            return f'{prefix}{delta},"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{suffix}'
+            def event(delta: str, finish_reason: str | None = None) -> str:
+                return f'{prefix}{delta},"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{suffix}'
 
-        async with aclosing(stream):  # type: ignore[type-var]
-            opening = self._first_delta()
-            if opening is not None:
-                yield event(f'"delta":{_dumps(opening)}')
-            chunk = first
-            while True:
-                answer.add(chunk)
-                if chunk.text:
-                    yield event(self._delta(chunk.text))
-                if chunk.finish_reason is not None:
-                    yield event(self._delta(None), chunk.finish_reason)
-                    break
-                try:
-                    chunk = await anext(stream)
-                except EngineError as e:
-                    answer.failed(e)
-                    yield f"data: {_dumps(unavailable(str(e)).body())}\n\n"
-                    return
-        if include_usage:
-            yield f"data: {_dumps({**head, 'choices': [], 'usage': answer.usage})}\n\n"
-        yield "data: [DONE]\n\n"
+            async with aclosing(stream):  # type: ignore[type-var]
+                opening = self._first_delta()
+                if opening is not None:
+                    yield event(f'"delta":{_dumps(opening)}')
+                chunk = first
+                while True:
+                    answer.add(chunk)
+                    if chunk.text:
+                        yield event(self._delta(chunk.text))
+                    if chunk.finish_reason is not None:
+                        yield event(self._delta(None), chunk.finish_reason)
+                        break
+                    try:
+                        chunk = await anext(stream)
+                    except EngineError as e:
+                        answer.failed(e)
+                        yield f"data: {_dumps(unavailable(str(e)).body())}\n\n"
+                        return
+            if include_usage:
+                yield f"data: {_dumps({**head, 'choices': [], 'usage': answer.usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            release()
