@@ -148,13 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--stream", action="store_true")
     p.add_argument("--sample-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--source", type=Path, default=ROOT, help="the gateway's code (default: this checkout)")
     args = p.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     workdir = Path(tempfile.mkdtemp(prefix="salora-profile-"))
     raw = workdir / "profile.txt"
     with ExitStack() as stack:
         upstream = start_upstream(stack, workdir)
-        gateway = start_gateway(stack, workdir, upstream)
+        gateway = start_gateway(stack, workdir, upstream, source=args.source.resolve())
         target, workload = Target(gateway.url, gateway.model, gateway.key), Workload(stream=args.stream)
         uvloop.run(open_loop(target, workload, 50, 2))  # warm-up, not profiled
         spy = subprocess.Popen([py_spy, "record", "--pid", str(gateway.proc.pid), "--duration", str(int(args.duration)),

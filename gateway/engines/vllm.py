@@ -1,11 +1,12 @@
 """The vLLM engine: one or more vLLM OpenAI servers (replicas of one model) behind the gateway.
 
-- **Chat.** Each request goes to one replica over a single pooled `aiohttp.ClientSession`: streamed
-  requests are streamed from vLLM, the others fetched in one response (`upstream.py` speaks the
-  protocol). Usage comes from vLLM, so token metrics and limits count what vLLM counted. aiohttp,
-  not httpx, on this path: httpx cost 5x the CPU per request, and its pool checks every idle
-  connection on every request, so its cost grew with the number of open streams
-  (docs/performance.md). Health checks and adapter operations, a few a second, use httpx.
+- **Chat.** Each request goes to one replica: streamed requests are streamed from vLLM over a pooled
+  `aiohttp.ClientSession`, the others fetched in one response over `http1.PostPool`, a lean
+  httptools client with aiohttp's error types (`upstream.py` speaks the protocol). Usage comes
+  from vLLM, so token metrics and limits count what vLLM counted. Not httpx on this path: httpx
+  cost 5x aiohttp's CPU per request, and its pool checks every idle connection on every request;
+  aiohttp in turn cost 3-5x the lean client's (docs/performance.md). Health checks and adapter
+  operations, a few a second, use httpx.
 - **Adapters.** Loaded at run time with vLLM's `POST /v1/load_lora_adapter` (the server needs
   `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`) and unloaded with
   `/v1/unload_lora_adapter`. vLLM reads the files itself, so they must lie on a volume both see:
