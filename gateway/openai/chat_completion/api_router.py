@@ -12,8 +12,6 @@ answered here with the 500 that the server-error middleware would give, then re-
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -22,8 +20,6 @@ from gateway.errors import APIError, server_error
 from gateway.openai.chat_completion.serving import ChatServing
 from gateway.openai.completion.serving import CompletionServing
 from gateway.request_id import RequestId
-
-log = logging.getLogger(__name__)
 
 PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"  # the legacy prompt API, served the same way
