@@ -11,7 +11,7 @@ MAKE_START := $(shell date +%s)
 # $(call timed,what it does,usual duration,command): one line before the step, one after with its time.
 timed = echo "==> $(1) (usually $(2))"; step_start=$$(date +%s); $(3) && echo "    done in $$(( $$(date +%s) - step_start )) s"
 
-.PHONY: install test-deps vllm-venv checkov-venv serve test
+.PHONY: install test-deps vllm-venv checkov-venv serve test bench-check
 
 $(STAMP): pyproject.toml
 	@$(call timed,creating the project venv $(VENV),5 s,python3 -m venv $(VENV))
@@ -76,3 +76,9 @@ test: install test-deps vllm-venv checkov-venv
 	@$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup --durations=15; rc=$$?; \
 	  total=$$(( $$(date +%s) - $(MAKE_START) )); \
 	  echo "make test: exit $$rc, total $$(( total / 60 )) min $$(( total % 60 )) s (installs included)"; exit $$rc
+
+# Release step (README): a short benchmark (2-3 min), direct and through the gateway at two rates, that fails
+# when the gateway's CPU per request passes loadtests/bound.json times the fake upstream's in the same
+# run. Not part of `make test`: it measures, so it wants a machine that is not running the suite.
+bench-check: install
+	@$(call timed,gateway/upstream CPU ratio against loadtests/bound.json,2 to 3 min,$(PY) -m loadtests.check)

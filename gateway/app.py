@@ -27,7 +27,7 @@ from gateway.engines.base import Engine, EngineError
 from gateway.engines.routing import engine_from_settings
 from gateway.errors import install_error_handlers
 from gateway.metrics import Metrics
-from gateway.openai.chat_completion.api_router import ChatCompletionsRoute
+from gateway.openai.chat_completion.api_router import ChatFrontApp
 from gateway.openai.models.api_router import router as models_router
 from gateway.openapi import install_openapi
 from gateway.ops import router as ops_router
@@ -35,7 +35,6 @@ from gateway.ratelimit import Limiter, RateLimiter
 from gateway.shared_limits import SharedLimiter
 from gateway.settings import Settings
 from gateway.tenants import TenantStore, hash_key
-from gateway.request_id import RequestId
 from salora.errors import SaLoRAError
 from salora.judge import Judge, KeywordJudge
 from salora.models import resolve_model_dir
@@ -148,13 +147,12 @@ def create_app(settings: Settings, judge: Judge | None = None) -> FastAPI:
     # FastAPI's own OpenTelemetry hooks look up the tracer and meter providers (environment reads) on
     # every request: 8-9% of the gateway's GIL time under load (py-spy, docs/performance.md). The
     # gateway exports Prometheus metrics of its own.
-    app = FastAPI(title="SaLoRA Gateway", lifespan=lifespan,
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+    # The chat paths are answered in front of FastAPI's middleware stack (ChatFrontApp): they count
+    # their own body, so the hot path skips BodyLimit and the rest (docs/performance.md).
+    app = ChatFrontApp(title="SaLoRA Gateway", lifespan=lifespan,
+                       telemetry={"tracing": False, "metrics": False, "logs": False})
     install_error_handlers(app)
-    # The chat route is outermost: it counts its own body, so the hot path skips BodyLimit.
     app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes, exempt={("POST", UPLOAD_PATH)})
-    app.add_middleware(ChatCompletionsRoute)
-    app.add_middleware(RequestId)
     for router in (models_router, tenants_router, adapters_router, ops_router):
         app.include_router(router)
     install_openapi(app)

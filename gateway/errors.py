@@ -57,6 +57,12 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def server_error() -> APIError:
+    """What a bug is answered with (the OpenAI shape, not Starlette's plain text)."""
+    return APIError(500, "The server had an error while processing your request.", type="server_error",
+                    code="internal_error")
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -132,13 +138,12 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return APIError(exc.status_code, str(exc.detail), code=None, headers=headers).response()
 
-    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_bug(_: Request, exc: Exception) -> JSONResponse:
         """A bug, answered in the same shape as every other error (Starlette's own answer is plain text
         the OpenAI clients cannot read); Starlette then re-raises it, so the server logs the traceback."""
-        return APIError(500, "The server had an error while processing your request.", type="server_error",
-                        code="internal_error").response()
+        return server_error().response()
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, server_error)
+    app.add_exception_handler(Exception, on_bug)

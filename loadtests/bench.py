@@ -56,6 +56,12 @@ class BenchConfig:
     settle_s: float = 1.0  # pause between runs
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="salora-bench-")))
 
+    @property
+    def stream_cap(self) -> int | None:
+        """The bench tenant's `limits.max_concurrent_streams`: exactly the streams it holds, so a
+        slot that is not freed shows as a 429 (None, the default cap, when there is no streams phase)."""
+        return self.stream_concurrency or None
+
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (no host name)."""
@@ -188,7 +194,8 @@ def run_bench(cfg: BenchConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         upstream = start_upstream(stack, cfg.workdir)
         services = {"upstream": upstream, "direct": upstream}
         if "gateway" in cfg.targets:
-            services["gateway"] = start_gateway(stack, cfg.workdir, upstream)
+            # The streams phase holds `stream_concurrency` streams of one tenant: its cap must fit them.
+            services["gateway"] = start_gateway(stack, cfg.workdir, upstream, max_streams=cfg.stream_cap)
         if "litellm" in cfg.targets:
             command = litellm_command()
             if command is None:

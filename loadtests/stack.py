@@ -114,26 +114,33 @@ def start_upstream(stack: ExitStack, workdir: Path, tokens: int = 16) -> Service
     return service
 
 
-def gateway_config(upstream: Service, workdir: Path, port: int) -> dict[str, object]:
+def gateway_config(upstream: Service, workdir: Path, port: int, max_streams: int | None = None) -> dict[str, object]:
     """`salora serve` on the OpenAI-compatible (vLLM) engine pointed at the fake upstream, with one
-    tenant whose limits are high enough never to refuse: auth, limiter, metrics and judge all run."""
-    return {
+    tenant whose limits are high enough never to refuse: auth, limiter, metrics and judge all run.
+    `max_streams`: the tenant's cap on open streams (`limits.max_concurrent_streams`), so that a
+    run holding N streams is not refused by the default cap (16); None keeps the default."""
+    config: dict[str, object] = {
         "host": "127.0.0.1", "port": port, "engine": "vllm", "model_name": upstream.model,
         "vllm": {"urls": [upstream.url]},
         "state_dir": str(workdir / "gateway-state"),
         "tenants": [{"name": "loadtest", "key_sha256": hashlib.sha256(TENANT_KEY.encode()).hexdigest(),
                      "adapters": ["*"], "rpm": HIGH_LIMIT, "tpm": HIGH_LIMIT}],
     }
+    if max_streams is not None:
+        config["limits"] = {"max_concurrent_streams": max_streams}
+    return config
 
 
-def start_gateway(stack: ExitStack, workdir: Path, upstream: Service) -> Service:
+def start_gateway(stack: ExitStack, workdir: Path, upstream: Service, max_streams: int | None = None,
+                  source: Path = ROOT, name: str = "gateway") -> Service:
+    """`salora serve` from the code in `source` (default: this checkout; an A/B run passes another)."""
     port = free_port()
-    config = workdir / "gateway.yaml"
-    config.write_text(yaml.safe_dump(gateway_config(upstream, workdir, port)))
+    config = workdir / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(gateway_config(upstream, workdir, port, max_streams)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SALORA_") or k == "SALORA_HOME"}
-    proc, log = _spawn("gateway", [sys.executable, "-m", "salora_cli", "serve", "--config", str(config)], workdir,
-                       {**env, "PYTHONPATH": str(ROOT)})
-    service = Service("gateway", proc, f"http://127.0.0.1:{port}", upstream.model, TENANT_KEY, log)
+    proc, log = _spawn(name, [sys.executable, "-m", "salora_cli", "serve", "--config", str(config)], workdir,
+                       {**env, "PYTHONPATH": str(source)})
+    service = Service(name, proc, f"http://127.0.0.1:{port}", upstream.model, TENANT_KEY, log)
     stack.callback(service.stop)
     service.wait_ready("/readyz", 120)
     return service

@@ -1,11 +1,12 @@
 """The vLLM engine: one or more vLLM OpenAI servers (replicas of one model) behind the gateway.
 
-- **Chat.** Each request goes to one replica over a single pooled `aiohttp.ClientSession`: streamed
-  requests are streamed from vLLM, the others fetched in one response (`upstream.py` speaks the
-  protocol). Usage comes from vLLM, so token metrics and limits count what vLLM counted. aiohttp,
-  not httpx, on this path: httpx cost 5x the CPU per request, and its pool checks every idle
-  connection on every request, so its cost grew with the number of open streams
-  (docs/performance.md). Health checks and adapter operations, a few a second, use httpx.
+- **Chat.** Each request goes to one replica: streamed requests are streamed from vLLM over a pooled
+  `aiohttp.ClientSession`, the others fetched in one response over `http1.PostPool`, a lean
+  httptools client with aiohttp's error types (`upstream.py` speaks the protocol). Usage comes
+  from vLLM, so token metrics and limits count what vLLM counted. Not httpx on this path: httpx
+  cost 5x aiohttp's CPU per request, and its pool checks every idle connection on every request;
+  aiohttp in turn cost 3-5x the lean client's (docs/performance.md). Health checks and adapter
+  operations, a few a second, use httpx.
 - **Adapters.** Loaded at run time with vLLM's `POST /v1/load_lora_adapter` (the server needs
   `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`) and unloaded with
   `/v1/unload_lora_adapter`. vLLM reads the files itself, so they must lie on a volume both see:
@@ -44,6 +45,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
+from gateway.engines.http1 import PostPool
 from gateway.engines.upstream import (
     JSON_HEADERS,
     error_message,
@@ -110,7 +112,10 @@ class VLLMEngine:
         self._model = config.model  # the base model's name upstream; read from the first replica if None
         headers = {"authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
         self._headers = headers
-        self._session: aiohttp.ClientSession | None = None  # chat requests (see _chat_session)
+        self._session: aiohttp.ClientSession | None = None  # streamed chat requests (see _chat_session)
+        # Non-streamed chat requests: a fifth of aiohttp's client CPU per request (gateway/engines/http1.py).
+        self._posts = PostPool(limit=config.max_connections, keepalive_s=4, connect_timeout_s=config.connect_timeout_s,
+                               read_timeout_s=config.request_timeout_s, headers=headers)
         # Health checks and adapter operations. Idle connections expire after 4 s, before vLLM's
         # keep-alive (5 s) closes them: with httpx's default, also 5 s, a health check every 5 s
         # sometimes reused a connection the server was closing, and one such check took the replica
@@ -173,6 +178,7 @@ class VLLMEngine:
         if self._watcher is not None:
             self._watcher.cancel()
         await self._client.aclose()
+        self._posts.close()
         if self._session is not None:
             await self._session.close()
 
@@ -208,27 +214,30 @@ class VLLMEngine:
             attempts += 1
             sent = False
             try:
+                if not request.stream:
+                    status, content = await self._posts.post(replica.url + path, body, max(deadline - loop.time(), 0.001))
+                    if status != 200:
+                        retry = self._refused(replica, adapter, status, content, failures)
+                        if retry is not None:
+                            self._retrying(replica, retry, tried, attempts)
+                            continue
+                    chunk = parse_completion(content)
+                    sent = True
+                    yield chunk
+                    return
                 async with self._chat_session().post(replica.url + path, data=body, headers=JSON_HEADERS,
                                                      timeout=self._attempt_timeout(deadline - loop.time())) as response:
                     if response.status != 200:
                         retry = self._refused(replica, adapter, response.status, await response.read(), failures)
                         if retry is not None:
-                            tried.update(retry)
-                            if attempts > len(self._replicas):
-                                tried.add(replica)
-                            self._on_error("retry")
+                            self._retrying(replica, retry, tried, attempts)
                             continue
-                    if request.stream:
-                        chunks = stream_chunks(_lines(response.content))
-                        async with asyncio.timeout(self._timeouts.first_token_s):  # per replica tried
-                            chunk = await anext(chunks)
-                        sent = True
-                        yield chunk
-                        async for chunk in chunks:
-                            yield chunk
-                    else:
-                        chunk = parse_completion(await response.read())
-                        sent = True
+                    chunks = stream_chunks(_lines(response.content))
+                    async with asyncio.timeout(self._timeouts.first_token_s):  # per replica tried
+                        chunk = await anext(chunks)
+                    sent = True
+                    yield chunk
+                    async for chunk in chunks:
                         yield chunk
                     return
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as e:
@@ -247,6 +256,13 @@ class VLLMEngine:
                 self._on_error("retry")
             finally:
                 self._release(replica, adapter)
+
+    def _retrying(self, replica: Replica, retry: set[Replica], tried: set[Replica], attempts: int) -> None:
+        """Before trying again after a refusal: the replicas not to try again."""
+        tried.update(retry)
+        if attempts > len(self._replicas):
+            tried.add(replica)
+        self._on_error("retry")
 
     def _attempt_timeout(self, remaining: float) -> aiohttp.ClientTimeout:
         """aiohttp's limits for one try: connect, the longest pause between two bytes, and what is

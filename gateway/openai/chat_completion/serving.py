@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -118,11 +118,15 @@ class _Answer:
         """After the last byte: metrics and the tokens-per-minute charge; then the judge's verdict on a
         completed answer (a blocking judge's detached from the connection)."""
         m, tenant, model = self.ctx.metrics, self.tenant.name, self.model
-        m.requests.labels(tenant, model, self.status).inc()
-        m.duration.labels(model).observe(time.perf_counter() - self.started)
-        m.ttft.labels(model).observe(self.ttft)
-        m.tokens.labels(tenant, model, "prompt").inc(self.prompt_tokens)
-        m.tokens.labels(tenant, model, "completion").inc(self.completion_tokens)
+        series = m.answer(tenant, model)
+        if self.status == "200":
+            series.ok.inc()
+        else:
+            m.requests.labels(tenant, model, self.status).inc()
+        series.duration.observe(time.perf_counter() - self.started)
+        series.ttft.observe(self.ttft)
+        series.prompt_tokens.inc(self.prompt_tokens)
+        series.completion_tokens.inc(self.completion_tokens)
         if self.status == "200":  # exact counts; a failed or abandoned answer keeps its whole reservation
             self.reservation.settle(self.prompt_tokens + self.completion_tokens)
         style = self.ctx.settings.request_log
@@ -148,7 +152,8 @@ class _Answer:
         except Exception:
             log.exception("the %s judge failed; answer left unclassified", self.ctx.judge.name)
             return
-        self.ctx.metrics.responses.labels(self.tenant.name, self.model, "true" if refused else "false").inc()
+        series = self.ctx.metrics.answer(self.tenant.name, self.model)
+        (series.refused if refused else series.not_refused).inc()
 
 
 class _EventStream(StreamingResponse):
@@ -241,10 +246,10 @@ class ChatServing:
             raise
         answer = _Answer(ctx, tenant, body.model, self._judged_prompt(generation), started, admitted,
                          request_id(request.scope), body.user, ttft=time.perf_counter() - started,
-                         id=f"{self.id_prefix}{uuid.uuid4().hex}")
+                         id=f"{self.id_prefix}{os.urandom(16).hex()}")  # uuid4's bits, without its object
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EventStream(self._events(answer, first, stream, include_usage), release, headers=headers,
+            return _EventStream(self._events(answer, first, stream, include_usage, release), release, headers=headers,
                                 media_type="text/event-stream", background=BackgroundTask(answer.record))
         return await self._complete(request, answer, first, stream, headers)
 
@@ -312,7 +317,15 @@ class ChatServing:
 
     async def _complete(self, request: Request, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
                         headers: dict[str, str]) -> Response:
-        """Collect the whole answer, unless the client leaves first: then stop generating."""
+        """Collect the whole answer, unless the client leaves first: then stop generating. An engine
+        whose first chunk is the whole answer (vLLM's non-streamed one) has nothing left to wait for:
+        no watcher task then, which was two tasks and a wait per request (docs/performance.md)."""
+        if first.finish_reason is not None:
+            async with aclosing(stream):  # type: ignore[type-var]
+                answer.add(first)
+                async for chunk in stream:  # the stream's end, at once (its connection goes back to the pool)
+                    answer.add(chunk)
+            return self._json(answer, headers)
 
         async def collect() -> None:
             async with aclosing(stream):  # type: ignore[type-var]
@@ -336,41 +349,50 @@ class ChatServing:
             raise unavailable(str(error))
         if error is not None:
             raise error
+        return self._json(answer, headers)
+
+    def _json(self, answer: _Answer, headers: dict[str, str]) -> Response:
         body = {
             "id": answer.id, "object": self.object, "created": answer.created, "model": answer.model,
             "choices": [self._choice("".join(answer.parts), answer.finish_reason)], "usage": answer.usage,
         }
         return JSONResponse(body, headers=headers, background=BackgroundTask(answer.record))
 
-    async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
-                      include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        head = {"id": answer.id, "object": self.chunk_object, "created": answer.created, "model": answer.model}
-        # Everything around the delta is the same in every event: serialised once per stream, not per token.
-        prefix = f'data: {_dumps(head)[:-1]},"choices":[{{"index":0,'
-        suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
+    async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk], include_usage: bool,
+                      release: Callable[[], None]) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. The stream slot is
+        freed (`release`) once the last event is out but before the body's end: a client that opens
+        its next stream as soon as this one ends must find the slot free (the response's own release
+        comes only after the background task, and lost that race at the cap)."""
+        try:
+            head = {"id": answer.id, "object": self.chunk_object, "created": answer.created, "model": answer.model}
+            # Everything around the delta is the same in every event: serialised once per stream, not per token.
+            prefix = f'data: {_dumps(head)[:-1]},"choices":[{{"index":0,'
+            suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
 
-        def event(delta: str, finish_reason: str | None = None) -> str:
-            return f'{prefix}{delta},"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{suffix}'
+            def event(delta: str, finish_reason: str | None = None) -> str:
+                return f'{prefix}{delta},"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{suffix}'
 
-        async with aclosing(stream):  # type: ignore[type-var]
-            opening = self._first_delta()
-            if opening is not None:
-                yield event(f'"delta":{_dumps(opening)}')
-            chunk = first
-            while True:
-                answer.add(chunk)
-                if chunk.text:
-                    yield event(self._delta(chunk.text))
-                if chunk.finish_reason is not None:
-                    yield event(self._delta(None), chunk.finish_reason)
-                    break
-                try:
-                    chunk = await anext(stream)
-                except EngineError as e:
-                    answer.failed(e)
-                    yield f"data: {_dumps(unavailable(str(e)).body())}\n\n"
-                    return
-        if include_usage:
-            yield f"data: {_dumps({**head, 'choices': [], 'usage': answer.usage})}\n\n"
-        yield "data: [DONE]\n\n"
+            async with aclosing(stream):  # type: ignore[type-var]
+                opening = self._first_delta()
+                if opening is not None:
+                    yield event(f'"delta":{_dumps(opening)}')
+                chunk = first
+                while True:
+                    answer.add(chunk)
+                    if chunk.text:
+                        yield event(self._delta(chunk.text))
+                    if chunk.finish_reason is not None:
+                        yield event(self._delta(None), chunk.finish_reason)
+                        break
+                    try:
+                        chunk = await anext(stream)
+                    except EngineError as e:
+                        answer.failed(e)
+                        yield f"data: {_dumps(unavailable(str(e)).body())}\n\n"
+                        return
+            if include_usage:
+                yield f"data: {_dumps({**head, 'choices': [], 'usage': answer.usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            release()
