@@ -34,7 +34,7 @@ from gateway.tenants import TenantStore, hash_key
 from gateway.request_id import RequestId
 from salora.errors import SaLoRAError
 from salora.judge import Judge, KeywordJudge
-from salora.models import resolve_model_dir
+from salora.modeldir import resolve_model_dir
 
 log = logging.getLogger(__name__)
 

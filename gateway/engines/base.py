@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from salora.chat import Messages
+from salora.messages import Messages
 
 
 @dataclass(slots=True)

@@ -10,13 +10,13 @@ like one more adapter, so tenant grants, limits, metrics and refusal accounting 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 from gateway.engines.base import Chunk, Engine, EngineError, GenerationRequest
-from gateway.engines.local import LocalEngine
 from gateway.engines.vllm import VLLMEngine
 from gateway.settings import Settings
 
@@ -80,6 +80,21 @@ class RoutedEngine:
             await engine.close()
 
 
+LOCAL_EXTRA = ("torch", "transformers", "peft")  # what the in-process engine needs beyond the plain install
+
+
+def missing_local_extra(settings: Settings) -> str | None:
+    """Why the configured engines cannot start in this install (None: they can): the in-process
+    engine needs the `local` extra, which the plain (vLLM-mode) install leaves out."""
+    if "local" not in {settings.engine, *settings.routes.values()}:
+        return None
+    missing = [name for name in LOCAL_EXTRA if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"the in-process engine (engine: local) needs {', '.join(missing)}: pip install 'salora-gateway[local]', "
+            "or serve through vLLM (engine: vllm, docs/vllm.md)")
+
+
 def engine_from_settings(settings: Settings, on_batch: Callable[[int], None], on_error: Callable[[str, str], None]) -> Engine:
     """The engine the gateway serves through. `on_batch` observes the local engine's decode batch
     sizes; `on_error(engine, kind)` counts the vLLM engines' replica failures and retries."""
@@ -90,6 +105,8 @@ def engine_from_settings(settings: Settings, on_batch: Callable[[int], None], on
             return built[name]
         adapters = settings.adapters if default else {}
         if name == "local":
+            from gateway.engines.local import LocalEngine  # torch and transformers: the `local` extra only
+
             built[name] = LocalEngine(settings.model, settings.served_model_id, adapters,
                                       max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
                                       on_batch=on_batch, timeouts=settings.timeouts)

@@ -39,10 +39,8 @@ from pathlib import Path
 
 import aiohttp
 import httpx
-import torch
-from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
+from gateway.adapters import tensors as st
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 from gateway.engines.upstream import (
     JSON_HEADERS,
@@ -54,7 +52,7 @@ from gateway.engines.upstream import (
     upstream_path,
 )
 from gateway.settings import Timeouts, VLLMConfig
-from salora.models import linear_modules, resolve_model_dir
+from salora.modeldir import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -561,18 +559,19 @@ class VLLMEngine:
             raise ValueError("no such directory: mount the adapter volume shared with vLLM there")
         if self._probe_model is None:
             raise ValueError("no base model to build the probe adapter for")
-        config = AutoConfig.from_pretrained(resolve_model_dir(self._probe_model))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        module, linear = min(linear_modules(model, ["q_proj"]).items())
-        shape = f"{module}:{linear.in_features}x{linear.out_features}"
+        q_proj = {n.removesuffix(".weight"): s for n, s in st.shapes(resolve_model_dir(self._probe_model)).items()
+                  if n.endswith(".q_proj.weight") and len(s) == 2}
+        if not q_proj:
+            raise ValueError(f"the base {self._probe_model} has no q_proj layer to build the probe adapter on")
+        module, (out_features, in_features) = min(q_proj.items())
+        shape = f"{module}:{in_features}x{out_features}"
         name = f"{PROBE}-{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
         if not (root / name / "adapter_config.json").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
             try:
-                save_file({f"base_model.model.{module}.lora_A.weight": torch.zeros(1, linear.in_features),
-                           f"base_model.model.{module}.lora_B.weight": torch.zeros(linear.out_features, 1)},
-                          str(tmp / "adapter_model.safetensors"))
+                st.write(tmp / "adapter_model.safetensors",
+                         {f"base_model.model.{module}.lora_A.weight": st.Tensor("F32", (1, in_features), bytes(4 * in_features)),
+                          f"base_model.model.{module}.lora_B.weight": st.Tensor("F32", (out_features, 1), bytes(4 * out_features))})
                 (tmp / "adapter_config.json").write_text(
                     '{"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"]}\n')
                 os.replace(tmp, root / name)

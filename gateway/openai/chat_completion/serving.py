@@ -42,7 +42,7 @@ from gateway.ratelimit import Limited, Reservation
 from gateway.request_id import request_id
 from gateway.request_log import log_request
 from gateway.tenants import Tenant
-from salora.chat import prompt_text
+from salora.messages import prompt_text
 
 log = logging.getLogger(__name__)
 
