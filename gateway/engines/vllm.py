@@ -44,11 +44,13 @@ from gateway.adapters import tensors as st
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 from gateway.engines.upstream import (
     JSON_HEADERS,
+    UpstreamError,
     error_message,
     parse_completion,
     rejected,
     request_body,
     stream_chunks,
+    upstream_error,
     upstream_path,
 )
 from gateway.settings import Timeouts, VLLMConfig
@@ -415,12 +417,13 @@ class VLLMEngine:
             started = time.perf_counter()
             response = await self._post(replica, "/v1/load_lora_adapter",
                                         {"lora_name": adapter, "lora_path": path, "load_inplace": True})
-            message = error_message(response.content)
+            error = upstream_error(response.content)
+            message = error.message
             if response.status_code == 200:
                 replica.held[adapter] = time.monotonic()
                 log.info("loaded adapter %s on %s in %.0f ms", adapter, replica.url, 1000 * (time.perf_counter() - started))
                 return
-        if "No adapter found" in message:
+        if _unreadable_path(response.status_code, error):
             replica.lora_error = self._unreadable(path, message)
             log.error("%s: %s", replica.url, replica.lora_error)
             raise _ReplicaFailed(replica.lora_error)
@@ -526,13 +529,14 @@ class VLLMEngine:
         path = self._probe_path
         response = await self._post(replica, "/v1/load_lora_adapter",
                                     {"lora_name": PROBE, "lora_path": path, "load_inplace": True})
-        message = error_message(response.content)
+        error = upstream_error(response.content)
+        message = error.message
         if response.status_code == 200:
             await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": PROBE})
             return None
-        if "No adapter found" in message:
+        if _unreadable_path(response.status_code, error):
             reason = self._unreadable(path, message)
-        elif response.status_code in (404, 405):
+        elif response.status_code in (404, 405):  # no such route: not vLLM's error body
             reason = "runtime adapter loading is off: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
         else:
             reason = f"the probe adapter did not load: {response.status_code} {message}"
@@ -587,6 +591,13 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     """A response body's lines (server-sent events), as text."""
     async for line in content:
         yield line.decode(errors="replace")  # bad bytes become a malformed event, not a crash
+
+
+def _unreadable_path(status: int, error: UpstreamError) -> bool:
+    """vLLM's answer to loading an adapter whose directory it cannot read: a 404 with its own error
+    body (`NotFoundError`, its LoRAAdapterNotFoundError), where a server without runtime loading has
+    no such route (a 404 or 405 without vLLM's body)."""
+    return status == 404 and error.type == "NotFoundError"
 
 
 def _busy(replica: Replica) -> int:

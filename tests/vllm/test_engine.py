@@ -307,7 +307,7 @@ def test_an_adapter_vllm_rejects_is_not_registered(fakes: Fakes, tmp_path: Path,
     replica = fakes(FakeVLLM(max_lora_rank=2))  # the adapters have rank 4
 
     async def body(engine: VLLMEngine) -> None:
-        with pytest.raises(RequestRejected, match="greater than max_lora_rank") as e:
+        with pytest.raises(RequestRejected, match="over the limit 2") as e:
             await engine.load_adapter("alpha", adapter_dirs["alpha"])
         assert e.value.code == "invalid_adapter" and engine.adapters() == frozenset()
 
