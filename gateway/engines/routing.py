@@ -13,6 +13,7 @@ import asyncio
 import importlib.util
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,9 +62,9 @@ class RoutedEngine:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         engine = self._routes.get(request.adapter) if request.adapter is not None else None
-        if engine is None:
-            return self._default.generate(request)
-        return engine.generate(replace(request, adapter=None))
+        if engine is None or engine is self._default:
+            return self._default.generate(request if engine is None else replace(request, adapter=None))
+        return _named(engine.name, engine.generate(replace(request, adapter=None)))
 
     async def load_adapter(self, name: str, path: Path) -> None:
         if name in self._routes:
@@ -78,6 +79,17 @@ class RoutedEngine:
             task.cancel()
         for engine in (self._default, *self._others):
             await engine.close()
+
+
+async def _named(name: str, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    """`stream`, its EngineError naming the engine that failed (the metric's label), closed with it."""
+    async with aclosing(stream):
+        try:
+            async for chunk in stream:
+                yield chunk
+        except EngineError as e:
+            e.engine = e.engine or name
+            raise
 
 
 LOCAL_EXTRA = ("torch", "transformers", "peft")  # what the in-process engine needs beyond the plain install

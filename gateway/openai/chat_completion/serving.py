@@ -97,7 +97,7 @@ class _Answer:
 
     def failed(self, error: EngineError) -> None:
         self.status = "503"
-        self.ctx.metrics.engine_errors.labels(self.ctx.engine.name, error.kind).inc()
+        self.ctx.metrics.engine_errors.labels(error.engine or self.ctx.engine.name, error.kind).inc()
 
     @property
     def usage(self) -> dict[str, int]:
@@ -215,7 +215,7 @@ class ChatServing:
                     first = await anext(stream)
                 except EngineError as e:
                     admitted.settle(0)  # nothing was generated
-                    ctx.metrics.engine_errors.labels(ctx.engine.name, e.kind).inc()
+                    ctx.metrics.engine_errors.labels(e.engine or ctx.engine.name, e.kind).inc()
                     raise unavailable(str(e)) from None
                 except RequestRejected as e:
                     admitted.settle(0)
