@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -54,6 +55,7 @@ from gateway.engines.upstream import (
     upstream_path,
 )
 from gateway.settings import Timeouts, VLLMConfig
+from salora.errors import SaLoRAError
 from salora.modeldir import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,30 @@ class Replica:
 
 class _ReplicaFailed(Exception):
     """The replica did not answer an adapter operation (it has been marked down): try another."""
+
+
+class _WrongModel(Exception):
+    """The replica serves another model than the configured base: it is never used."""
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What a vLLM server shows of its model that the configured base can be checked against."""
+
+    max_positions: int | None  # config.json's max_position_embeddings
+    specials: tuple[tuple[int, str], ...]  # (id, spelling) of tokenizer.json's special tokens, at most 16
+
+
+def base_facts(model_dir: Path) -> BaseFacts:
+    """Read from the base directory's config.json and tokenizer.json (no model, no tokenizer library)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    positions = config.get("max_position_embeddings")
+    tokenizer = model_dir / "tokenizer.json"
+    specials: list[tuple[int, str]] = []
+    if tokenizer.is_file():
+        added = json.loads(tokenizer.read_text(encoding="utf-8")).get("added_tokens", [])
+        specials = sorted((t["id"], t["content"]) for t in added if t.get("special") and t.get("content"))
+    return BaseFacts(positions if isinstance(positions, int) else None, tuple(specials[:16]))
 
 
 class VLLMEngine:
@@ -123,6 +149,8 @@ class VLLMEngine:
         )
         self._watcher: asyncio.Task[None] | None = None
         self._some_up = asyncio.Event()
+        self._wrong_model = asyncio.Event()  # a replica serves another model than the configured base
+        self._base: BaseFacts | None = None  # what the replicas' model must show of the configured base
         self._started = False
         upstream_dir = config.upstream_adapter_dir or (str(config.adapter_dir) if config.adapter_dir else "")
         self._upstream_dir = upstream_dir.rstrip("/")
@@ -156,9 +184,23 @@ class VLLMEngine:
             except Exception as e:
                 self._error = f"the {self.name} engine's adapter_dir {adapter_dir}: {e}"
                 raise EngineError(self._error, kind="load") from e
+        if self._probe_model is not None:
+            try:
+                self._base = await asyncio.to_thread(base_facts, resolve_model_dir(self._probe_model))
+            except (SaLoRAError, OSError, ValueError) as e:
+                self._error = f"the {self.name} engine cannot read its base {self._probe_model}: {e}"
+                raise EngineError(self._error, kind="load") from e
         await self._check_all()  # every replica that is up now is known before the first request
         self._watcher = asyncio.create_task(self._watch())
-        await self._some_up.wait()
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._some_up, self._wrong_model)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not self._some_up.is_set():
+            self._error = f"the {self.name} engine refuses to start: {self._reasons()}"
+            raise EngineError(self._error, kind="load")
         for name, path in self._initial.items():
             try:
                 await self.load_adapter(name, path)
@@ -502,6 +544,11 @@ class VLLMEngine:
                 return
             if not replica.up:
                 await self._adopt(replica)
+        except _WrongModel as e:
+            self._down(replica, str(e))
+            log.error("%s engine: replica %s: %s", self.name, replica.url, e)
+            self._wrong_model.set()
+            return
         except (httpx.HTTPError, ValueError, KeyError, TypeError, _ReplicaFailed) as e:
             self._down(replica, repr(e))
             return
@@ -519,10 +566,35 @@ class VLLMEngine:
         ids = [m["id"] for m in models]
         base = self._model or next((m["id"] for m in models if not m.get("parent")), ids[0])
         if base not in ids:
-            raise ValueError(f"it serves {ids}, not {base!r}")
+            raise _WrongModel(f"it serves {ids}, not the configured model {base!r}")
+        if self._base is not None:
+            await self._check_base(replica, base, next(m for m in models if m["id"] == base))
         self._model = base
         replica.held = {i: 0.0 for i in ids if i not in (base, PROBE)}
         replica.lora_error = await self._probe(replica) if self._config.adapter_dir is not None else None
+
+    async def _check_base(self, replica: Replica, model: str, card: dict[str, object]) -> None:
+        """That `model` on the replica is the configured base, as far as vLLM shows it: a context no
+        longer than the base's, and the base's special tokens at the base's ids (its vocabulary)."""
+        base = self._base
+        assert base is not None
+        length = card.get("max_model_len")
+        if isinstance(length, int) and base.max_positions is not None and length > base.max_positions:
+            raise _WrongModel(f"it serves {model!r} with a context of {length} tokens, more than the "
+                              f"{base.max_positions} of the configured base {self._probe_model}: another model")
+        if not base.specials:
+            return
+        text = "".join(content for _, content in base.specials)
+        response = await self._client.post(replica.url + "/tokenize", timeout=self._config.connect_timeout_s,
+                                           json={"model": model, "prompt": text, "add_special_tokens": False})
+        if response.status_code in (404, 405) and upstream_error(response.content).type is None:
+            log.warning("%s engine: replica %s has no /tokenize: its vocabulary is not checked", self.name, replica.url)
+            return
+        response.raise_for_status()
+        got, expected = response.json()["tokens"], [i for i, _ in base.specials]
+        if got != expected:
+            raise _WrongModel(f"it serves {model!r}, whose tokenizer is not the configured base's "
+                              f"({self._probe_model}): its special tokens {text!r} are {got}, not {expected}")
 
     async def _probe(self, replica: Replica) -> str | None:
         """Load and unload the probe adapter: None when the replica reads the shared volume, else why not."""

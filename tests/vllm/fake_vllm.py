@@ -36,8 +36,9 @@ class FakeVLLM:
     word, so a test sees which adapter (and, through `served`, which replica) produced it."""
 
     def __init__(self, model: str = "base", mount: tuple[str, Path] | None = None, lora: bool = True,
-                 max_lora_rank: int = 64, max_model_len: int = 512) -> None:
+                 max_lora_rank: int = 64, max_model_len: int = 512, specials: dict[str, int] | None = None) -> None:
         self.model, self.mount, self.max_lora_rank, self.max_model_len = model, mount, max_lora_rank, max_model_len
+        self.specials = specials  # its vocabulary's special tokens; None: no /tokenize (not every server has it)
         self.adapters: dict[str, str] = {}
         self.started: Counter[str] = Counter()  # chat requests begun, by model
         self.served: Counter[str] = Counter()  # completed chat requests by model
@@ -63,7 +64,8 @@ class FakeVLLM:
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            cards = [{"id": self.model, "object": "model", "root": "/models/base", "parent": None}]
+            cards = [{"id": self.model, "object": "model", "root": "/models/base", "parent": None,
+                      "max_model_len": self.max_model_len}]
             cards += [{"id": n, "object": "model", "root": p, "parent": self.model} for n, p in self.adapters.items()]
             return {"object": "list", "data": cards}
 
@@ -91,6 +93,19 @@ class FakeVLLM:
                     return _error(404, f"fake: no {name} to unload", "NotFoundError")
                 self.unloads.append(name)
                 return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+        if self.specials is not None:
+            specials = self.specials
+
+            @app.post("/tokenize")
+            async def tokenize(request: Request) -> Response:
+                """Special tokens by their spelling, anything else one token a character (id -1)."""
+                text, tokens = (await request.json())["prompt"], []
+                while text:
+                    found = next((t for t in specials if text.startswith(t)), None)
+                    tokens.append(specials[found] if found else -1)
+                    text = text[len(found) if found else 1:]
+                return JSONResponse({"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens})
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
