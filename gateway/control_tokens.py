@@ -16,7 +16,7 @@ import logging
 import re
 from pathlib import Path
 
-from salora.chat import Messages
+from salora.messages import Messages
 
 log = logging.getLogger(__name__)
 JOINER = "\u2060"

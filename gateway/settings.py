@@ -22,7 +22,7 @@ from pydantic_settings import (
 from gateway.adapters.config import LifecycleConfig
 from gateway.canary.config import CanaryConfig
 from salora.errors import SaLoRAError
-from salora.models import EMBEDDED, EMBEDDED_UNALIGNED, model_id, salora_home
+from salora.modeldir import EMBEDDED, EMBEDDED_UNALIGNED, model_id, salora_home
 
 EMBEDDED_MODELS = (EMBEDDED, EMBEDDED_UNALIGNED)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"  # tenant and adapter names

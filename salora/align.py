@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from salora.atomic import atomic_dir, check_output_dir, write_json_atomic
-from salora.chat import prompt_text
 from salora.datasets import DATA_VERSION, benign_prompts, safety_messages, write_jsonl
 from salora.everyday import everyday_prompts
 from salora.export import PEFT_WEIGHTS, export
 from salora.generate import generate_greedy
 from salora.judge import KeywordJudge
+from salora.messages import prompt_text
 from salora.models import EMBEDDED_UNALIGNED, load_model
 from salora.tasks import arithmetic
 from salora.train import TrainOptions, train

@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from salora.atomic import atomic_dir, check_output_dir, write_json_atomic
-from salora.chat import IGNORE, Messages, collate, prompt_text, read_chat_jsonl, tokenize_chat
+from salora.chat import IGNORE, Messages, collate, read_chat_jsonl, tokenize_chat
 from salora.errors import SaLoRAError
 from salora.generate import generate_greedy
 from salora.judge import Judge, KeywordJudge
+from salora.messages import prompt_text
 from salora.models import linear_modules, load_model, model_id, resolve_model_dir, weight_hash
 
 SAFETY_TENSORS = "safety.safetensors"

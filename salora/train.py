@@ -44,13 +44,12 @@ from salora.chat import IGNORE, collate, read_chat_jsonl, tokenize_chat
 from salora.checks import at_least, positive
 from salora.distributed import World, init_world
 from salora.errors import SaLoRAError
+from salora.files import CHECKPOINT_CONFIG, SALORA_WEIGHTS
 from salora.models import linear_modules, load_model, model_id, weight_hash
 from salora.precision import resolve_device, resolve_dtype, weight_hashes
 from salora.tuner.config import ALL_LINEAR, SaLoRAConfig
 from salora.tuner.model import inject_salora, salora_layers, salora_state
 
-CHECKPOINT_CONFIG = "salora_config.json"
-SALORA_WEIGHTS = "salora_adapter.safetensors"
 TRAIN_LOG = "train_log.jsonl"
 TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_state.safetensors"

@@ -10,6 +10,7 @@ from salora.errors import SaLoRAError
 from salora_cli import align, calibrate, compare, db, evaluate, export, serve, train
 
 COMMANDS = (calibrate, train, export, evaluate, compare, align, serve, db)
+LOCAL_EXTRA = {"torch", "transformers", "peft", "accelerate", "safetensors", "gguf", "matplotlib"}  # the `local` extra
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except SaLoRAError as e:
         print(f"salora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name not in LOCAL_EXTRA:
+            raise
+        print(f"salora {args.command}: error: needs {e.name}, which the plain install leaves out: "
+              "pip install 'salora-gateway[local]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"salora {args.command}: interrupted", file=sys.stderr)

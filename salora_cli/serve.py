@@ -23,9 +23,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from gateway.engines.routing import missing_local_extra
     from gateway.server import serve  # imported here so `salora --help` stays fast
     from gateway.settings import load_settings
+    from salora.errors import SaLoRAError
 
     flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("allow_open", args.allow_open))
              if v is not None}
-    serve(load_settings(args.config, **flags))
+    settings = load_settings(args.config, **flags)
+    missing = missing_local_extra(settings)
+    if missing:
+        raise SaLoRAError(missing)
+    serve(settings)

@@ -42,7 +42,7 @@ from gateway.settings import Settings
 from gateway.tenants import TenantStore
 from salora.errors import SaLoRAError
 from salora.judge import Judge
-from salora.models import resolve_model_dir
+from salora.modeldir import resolve_model_dir
 
 log = logging.getLogger(__name__)
 CANARY = "canary"  # the actor of automatic decisions in the audit log

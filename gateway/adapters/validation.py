@@ -4,8 +4,8 @@ An adapter is accepted only as a plain PEFT LoRA in safetensors (a pickle file i
 with a config that parses into the canonical allow-list (gateway/adapters/canonical.py), tensors
 whose names and shapes fit the base's decoder-layer linear layers at the config's rank, and finite
 weights. What is stored and served is a config and a weights file the gateway wrote itself. A `salora train`
-checkpoint is first exported to that form (`salora.export.export`). The safetensors header is parsed
-and bounds-checked by hand before the library reads a single tensor."""
+checkpoint is first exported to that form (`salora.export.export`, which needs the `local` extra). The
+safetensors files are parsed, checked and written by hand (gateway/adapters/tensors.py): no torch."""
 
 from __future__ import annotations
 
@@ -13,24 +13,19 @@ import hashlib
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
+from gateway.adapters import tensors as st
 from gateway.adapters.canonical import AdapterConfig, refused
 from gateway.adapters.errors import AdapterRejected
 from salora.errors import SaLoRAError
-from salora.export import PEFT_CONFIG, PEFT_WEIGHTS, export
-from salora.train import CHECKPOINT_CONFIG
+from salora.files import CHECKPOINT_CONFIG, PEFT_CONFIG, PEFT_WEIGHTS
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 16 << 20
-DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+DTYPE_BYTES = st.DTYPE_BYTES
 DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 TENSOR_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
@@ -54,14 +49,14 @@ def inspect_base(model_id: str, model_dir: Path) -> BaseModelInfo:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise SaLoRAError(f"{model_dir}: no safetensors weights to check adapters against")
-    linear: dict[str, tuple[int, int]] = {}
+    try:
+        shapes = st.shapes(model_dir)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SaLoRAError(f"{model_dir}: unreadable safetensors header ({e})") from e
+    linear = {name.removesuffix(".weight"): (shape[0], shape[1])
+              for name, shape in shapes.items() if name.endswith(".weight") and len(shape) == 2}
     digest = hashlib.sha256()
     for path in files:
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                shape = f.get_slice(name).get_shape()
-                if name.endswith(".weight") and len(shape) == 2:
-                    linear[name.removesuffix(".weight")] = (shape[0], shape[1])
         digest.update(path.name.encode() + b"\0")
         with path.open("rb") as f:
             while chunk := f.read(1 << 22):
@@ -89,6 +84,12 @@ def _pickles(root: Path) -> list[str]:
 
 def _export_checkpoint(root: Path, out: Path) -> Path:
     try:
+        from salora.export import export  # torch and peft: the `local` extra
+    except ImportError as e:
+        raise _reject(f"a `salora train` checkpoint is exported on arrival, which needs the in-process extra "
+                      f"(pip install 'salora-gateway[local]'; missing {e.name}); upload the adapter that "
+                      "`salora export` writes instead", code="bad_checkpoint") from e
+    try:
         export(root, out, "peft")  # reads safetensors and JSON only
     except (SaLoRAError, KeyError, TypeError, ValueError, OSError) as e:
         raise _reject(f"the `salora train` checkpoint cannot be exported: {e}", code="bad_checkpoint") from e
@@ -110,18 +111,10 @@ def _read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     its tensors tile the data section exactly."""
     size = path.stat().st_size
     with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise _reject(f"{PEFT_WEIGHTS} is not a safetensors file (too short)", code="bad_weights")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise _reject(f"{PEFT_WEIGHTS}: its header length {length} is impossible for a {size}-byte file",
-                          code="bad_weights")
-        raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise _reject(f"{PEFT_WEIGHTS}: the safetensors header is not JSON ({e})", code="bad_weights") from e
+        try:
+            length, header = st.read_header(f, size, MAX_HEADER_BYTES)
+        except ValueError as e:
+            raise _reject(f"{PEFT_WEIGHTS}: {e}", code="bad_weights") from e
     if not isinstance(header, dict):
         raise _reject(f"{PEFT_WEIGHTS}: the safetensors header is not an object", code="bad_weights")
     tensors, spans = {}, []
@@ -203,14 +196,14 @@ def _check_tensors(tensors: dict[str, tuple[str, list[int]]], config: AdapterCon
     return len(modules)
 
 
-def _canonical_weights(source: Path, target: Path) -> None:
+def _canonical_weights(source: Path, header: dict[str, tuple[str, list[int]]], target: Path) -> None:
     """Check every tensor is finite, then write them afresh (no metadata, no other tensor): the engines
     load only files the gateway wrote."""
-    tensors = load_file(str(source))
+    tensors = st.read(source, header)
     for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
+        if not st.finite(tensor):
             raise _reject(f"tensor {name} holds NaN or infinite values", code="non_finite_weights")
-    save_file(tensors, str(target))
+    st.write(target, tensors)
 
 
 def _sha256(paths: list[Path]) -> str:
@@ -246,7 +239,7 @@ def validate(root: Path, work: Path, base: BaseModelInfo, max_rank: int) -> tupl
     out = work / "adapter"
     out.mkdir()
     files = [out / PEFT_CONFIG, out / PEFT_WEIGHTS]
-    _canonical_weights(weights_path, files[1])
+    _canonical_weights(weights_path, tensors, files[1])
     files[0].write_text(json.dumps(config.to_json(base.model_id), indent=2) + "\n")
     return AdapterInfo(
         sha256=_sha256(files), source=source, rank=config.r, target_modules=list(config.target_modules),

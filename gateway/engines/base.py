@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from salora.chat import Messages
+from salora.messages import Messages
 
 
 @dataclass(slots=True)
@@ -40,11 +40,12 @@ class Chunk:
 
 class EngineError(Exception):
     """The engine cannot serve now (still loading, failed, shut down): the caller sees a 503.
-    `kind` labels `salora_engine_errors_total`."""
+    `kind` and `engine` (the engine that failed; None: the one called) label `salora_engine_errors_total`."""
 
-    def __init__(self, message: str, kind: str = "unavailable") -> None:
+    def __init__(self, message: str, kind: str = "unavailable", engine: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.engine = engine
 
 
 class RequestRejected(Exception):

@@ -34,6 +34,7 @@ from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
+from gateway.engines.detokenize import Detokenized
 from gateway.settings import Timeouts
 from salora.models import load_model
 
@@ -57,11 +58,15 @@ class _Row:
     cancelled: bool = False  # set by the asyncio side when the client is gone
     done: bool = False
     prompt: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
+    answer: Detokenized = field(default_factory=Detokenized)  # its tokens and their text, decoded incrementally
     sent: int = 0  # characters of the answer already emitted
     limit: int = 0  # completion tokens allowed (max_tokens, capped by the context)
     peft: str = BASE  # the adapter's name inside PEFT
     generator: torch.Generator | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.answer.tokens
 
     def send(self, item: Chunk | Exception) -> None:
         try:
@@ -480,21 +485,21 @@ class LocalEngine:
 
     def _advance(self, row: _Row, token: int) -> None:
         """Append a token, emit whatever text is now final, and decide whether the row is done.
-        Text that may still change is held back: an incomplete UTF-8 character (decoded as U+FFFD)
-        and a tail that could be the start of a stop string."""
-        row.tokens.append(token)
+        Text that may still change is held back: an incomplete UTF-8 character (the detokenizer keeps
+        it until the last token) and a tail that could be the start of a stop string."""
         stops = row.request.stop
-        text = self._tokenizer.decode(row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        eos = token in self._eos
+        row.answer.add(self._tokenizer, token, final=eos or len(row.tokens) + 1 >= row.limit)
+        text = row.answer.text
         end = len(text)
-        finish = "stop" if token in self._eos else None
+        finish = "stop" if eos else None
         hits = [i for i in (text.find(s, row.sent) for s in stops) if i >= 0]
         if hits:
             finish, end = "stop", min(hits)
         elif finish is None and len(row.tokens) >= row.limit:
             finish = "length"
         if finish is None:
-            end = len(text.rstrip("\ufffd"))
-            end -= _held_back(text[:end], row.sent, stops)
+            end -= _held_back(text, row.sent, stops)
         if finish is not None:
             row.done = True
             row.send(Chunk(text[row.sent:end], finish, len(row.prompt), len(row.tokens)))

@@ -10,13 +10,14 @@ like one more adapter, so tenant grants, limits, metrics and refusal accounting 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
 from gateway.engines.base import Chunk, Engine, EngineError, GenerationRequest
-from gateway.engines.local import LocalEngine
 from gateway.engines.vllm import VLLMEngine
 from gateway.settings import Settings
 
@@ -61,9 +62,9 @@ class RoutedEngine:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         engine = self._routes.get(request.adapter) if request.adapter is not None else None
-        if engine is None:
-            return self._default.generate(request)
-        return engine.generate(replace(request, adapter=None))
+        if engine is None or engine is self._default:
+            return self._default.generate(request if engine is None else replace(request, adapter=None))
+        return _named(engine.name, engine.generate(replace(request, adapter=None)))
 
     async def load_adapter(self, name: str, path: Path) -> None:
         if name in self._routes:
@@ -80,6 +81,32 @@ class RoutedEngine:
             await engine.close()
 
 
+async def _named(name: str, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    """`stream`, its EngineError naming the engine that failed (the metric's label), closed with it."""
+    async with aclosing(stream):
+        try:
+            async for chunk in stream:
+                yield chunk
+        except EngineError as e:
+            e.engine = e.engine or name
+            raise
+
+
+LOCAL_EXTRA = ("torch", "transformers", "peft")  # what the in-process engine needs beyond the plain install
+
+
+def missing_local_extra(settings: Settings) -> str | None:
+    """Why the configured engines cannot start in this install (None: they can): the in-process
+    engine needs the `local` extra, which the plain (vLLM-mode) install leaves out."""
+    if "local" not in {settings.engine, *settings.routes.values()}:
+        return None
+    missing = [name for name in LOCAL_EXTRA if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"the in-process engine (engine: local) needs {', '.join(missing)}: pip install 'salora-gateway[local]', "
+            "or serve through vLLM (engine: vllm, docs/vllm.md)")
+
+
 def engine_from_settings(settings: Settings, on_batch: Callable[[int], None], on_error: Callable[[str, str], None]) -> Engine:
     """The engine the gateway serves through. `on_batch` observes the local engine's decode batch
     sizes; `on_error(engine, kind)` counts the vLLM engines' replica failures and retries."""
@@ -90,6 +117,8 @@ def engine_from_settings(settings: Settings, on_batch: Callable[[int], None], on
             return built[name]
         adapters = settings.adapters if default else {}
         if name == "local":
+            from gateway.engines.local import LocalEngine  # torch and transformers: the `local` extra only
+
             built[name] = LocalEngine(settings.model, settings.served_model_id, adapters,
                                       max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
                                       on_batch=on_batch, timeouts=settings.timeouts)

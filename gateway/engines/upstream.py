@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 
 JSON_HEADERS = {"content-type": "application/json"}
-_CONTEXT_WORDS = ("maximum context length", "max_model_len")  # how vLLM words a request too long for the model
+# The `param` of vLLM's 400 (BadRequestError) when a request does not fit the context: the prompt
+# (`input_tokens`, `input_text`) or the prompt plus the answer asked for (the length parameter). The
+# gateway checks max_tokens >= 1 itself, so a 400 on the length parameter is always about the context.
+CONTEXT_PARAMS = frozenset({"input_tokens", "input_text", "max_tokens", "max_completion_tokens"})
 
 
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
@@ -47,34 +51,45 @@ def request_body(request: GenerationRequest, model: str) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def error_message(content: bytes) -> str:
-    """The message of an upstream error body: OpenAI's `{"error": {"message"}}`, the older vLLM
-    `{"message"}`, or the raw text."""
+@dataclass(frozen=True, slots=True)
+class UpstreamError:
+    """An upstream error body by its structure: OpenAI's `{"error": {"message", "type", "param"}}` (vLLM's
+    `type` is its exception class, e.g. `NotFoundError`, `BadRequestError`); `type` None when the body is
+    not one (the older `{"message"}`, a web framework's `{"detail"}`, plain text). Decisions are made on
+    the status and `type`/`param`, never on the message, which is for people."""
+
+    message: str
+    type: str | None = None
+    param: str | None = None
+
+
+def upstream_error(content: bytes) -> UpstreamError:
     try:
         obj = json.loads(content)
     except ValueError:
-        return content.decode(errors="replace").strip()[:500] or "(empty body)"
+        return UpstreamError(content.decode(errors="replace").strip()[:500] or "(empty body)")
     if isinstance(obj, dict):
         error = obj.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
+        if isinstance(error, dict):
+            kind, param = error.get("type"), error.get("param")
+            return UpstreamError(str(error.get("message") or obj)[:2000], kind if isinstance(kind, str) else None,
+                                 param if isinstance(param, str) else None)
         if obj.get("message"):
-            return str(obj["message"])
-    return str(obj)[:500]
+            return UpstreamError(str(obj["message"]))
+    return UpstreamError(str(obj)[:500])
+
+
+def error_message(content: bytes) -> str:
+    """The message of an upstream error body, for logs and error messages."""
+    return upstream_error(content).message
 
 
 def rejected(content: bytes) -> RequestRejected:
-    """An upstream 400: the request cannot be served as asked; keep OpenAI's `param` and name a too
-    long request `context_length_exceeded`, as the local engine does."""
-    message = error_message(content)
-    param = None
-    try:
-        error = json.loads(content).get("error")
-        param = error.get("param") if isinstance(error, dict) else None
-    except (ValueError, AttributeError):
-        pass
-    code = "context_length_exceeded" if any(w in message for w in _CONTEXT_WORDS) else "invalid_request"
-    return RequestRejected(message, code=code, param=param if isinstance(param, str) else None)
+    """An upstream 400: the request cannot be served as asked; keep OpenAI's `param` and name a request
+    that does not fit the context `context_length_exceeded`, as the local engine does."""
+    error = upstream_error(content)
+    code = "context_length_exceeded" if error.param in CONTEXT_PARAMS else "invalid_request"
+    return RequestRejected(error.message, code=code, param=error.param)
 
 
 def parse_completion(content: bytes) -> Chunk:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -40,23 +41,24 @@ from pathlib import Path
 
 import aiohttp
 import httpx
-import torch
-from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
+from gateway.adapters import tensors as st
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 from gateway.engines.http1 import PostPool
 from gateway.engines.upstream import (
     JSON_HEADERS,
+    UpstreamError,
     error_message,
     parse_completion,
     rejected,
     request_body,
     stream_chunks,
+    upstream_error,
     upstream_path,
 )
 from gateway.settings import Timeouts, VLLMConfig
-from salora.models import linear_modules, resolve_model_dir
+from salora.errors import SaLoRAError
+from salora.modeldir import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,30 @@ class Replica:
 
 class _ReplicaFailed(Exception):
     """The replica did not answer an adapter operation (it has been marked down): try another."""
+
+
+class _WrongModel(Exception):
+    """The replica serves another model than the configured base: it is never used."""
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What a vLLM server shows of its model that the configured base can be checked against."""
+
+    max_positions: int | None  # config.json's max_position_embeddings
+    specials: tuple[tuple[int, str], ...]  # (id, spelling) of tokenizer.json's special tokens, at most 16
+
+
+def base_facts(model_dir: Path) -> BaseFacts:
+    """Read from the base directory's config.json and tokenizer.json (no model, no tokenizer library)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    positions = config.get("max_position_embeddings")
+    tokenizer = model_dir / "tokenizer.json"
+    specials: list[tuple[int, str]] = []
+    if tokenizer.is_file():
+        added = json.loads(tokenizer.read_text(encoding="utf-8")).get("added_tokens", [])
+        specials = sorted((t["id"], t["content"]) for t in added if t.get("special") and t.get("content"))
+    return BaseFacts(positions if isinstance(positions, int) else None, tuple(specials[:16]))
 
 
 class VLLMEngine:
@@ -128,6 +154,8 @@ class VLLMEngine:
         )
         self._watcher: asyncio.Task[None] | None = None
         self._some_up = asyncio.Event()
+        self._wrong_model = asyncio.Event()  # a replica serves another model than the configured base
+        self._base: BaseFacts | None = None  # what the replicas' model must show of the configured base
         self._started = False
         upstream_dir = config.upstream_adapter_dir or (str(config.adapter_dir) if config.adapter_dir else "")
         self._upstream_dir = upstream_dir.rstrip("/")
@@ -161,9 +189,23 @@ class VLLMEngine:
             except Exception as e:
                 self._error = f"the {self.name} engine's adapter_dir {adapter_dir}: {e}"
                 raise EngineError(self._error, kind="load") from e
+        if self._probe_model is not None:
+            try:
+                self._base = await asyncio.to_thread(base_facts, resolve_model_dir(self._probe_model))
+            except (SaLoRAError, OSError, ValueError) as e:
+                self._error = f"the {self.name} engine cannot read its base {self._probe_model}: {e}"
+                raise EngineError(self._error, kind="load") from e
         await self._check_all()  # every replica that is up now is known before the first request
         self._watcher = asyncio.create_task(self._watch())
-        await self._some_up.wait()
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._some_up, self._wrong_model)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not self._some_up.is_set():
+            self._error = f"the {self.name} engine refuses to start: {self._reasons()}"
+            raise EngineError(self._error, kind="load")
         for name, path in self._initial.items():
             try:
                 await self.load_adapter(name, path)
@@ -437,12 +479,13 @@ class VLLMEngine:
             started = time.perf_counter()
             response = await self._post(replica, "/v1/load_lora_adapter",
                                         {"lora_name": adapter, "lora_path": path, "load_inplace": True})
-            message = error_message(response.content)
+            error = upstream_error(response.content)
+            message = error.message
             if response.status_code == 200:
                 replica.held[adapter] = time.monotonic()
                 log.info("loaded adapter %s on %s in %.0f ms", adapter, replica.url, 1000 * (time.perf_counter() - started))
                 return
-        if "No adapter found" in message:
+        if _unreadable_path(response.status_code, error):
             replica.lora_error = self._unreadable(path, message)
             log.error("%s: %s", replica.url, replica.lora_error)
             raise _ReplicaFailed(replica.lora_error)
@@ -544,6 +587,11 @@ class VLLMEngine:
                 return
             if not replica.up:
                 await self._adopt(replica)
+        except _WrongModel as e:
+            self._down(replica, str(e))
+            log.error("%s engine: replica %s: %s", self.name, replica.url, e)
+            self._wrong_model.set()
+            return
         except (httpx.HTTPError, ValueError, KeyError, TypeError, _ReplicaFailed) as e:
             self._down(replica, repr(e))
             return
@@ -561,23 +609,49 @@ class VLLMEngine:
         ids = [m["id"] for m in models]
         base = self._model or next((m["id"] for m in models if not m.get("parent")), ids[0])
         if base not in ids:
-            raise ValueError(f"it serves {ids}, not {base!r}")
+            raise _WrongModel(f"it serves {ids}, not the configured model {base!r}")
+        if self._base is not None:
+            await self._check_base(replica, base, next(m for m in models if m["id"] == base))
         self._model = base
         replica.held = {i: 0.0 for i in ids if i not in (base, PROBE)}
         replica.lora_error = await self._probe(replica) if self._config.adapter_dir is not None else None
+
+    async def _check_base(self, replica: Replica, model: str, card: dict[str, object]) -> None:
+        """That `model` on the replica is the configured base, as far as vLLM shows it: a context no
+        longer than the base's, and the base's special tokens at the base's ids (its vocabulary)."""
+        base = self._base
+        assert base is not None
+        length = card.get("max_model_len")
+        if isinstance(length, int) and base.max_positions is not None and length > base.max_positions:
+            raise _WrongModel(f"it serves {model!r} with a context of {length} tokens, more than the "
+                              f"{base.max_positions} of the configured base {self._probe_model}: another model")
+        if not base.specials:
+            return
+        text = "".join(content for _, content in base.specials)
+        response = await self._client.post(replica.url + "/tokenize", timeout=self._config.connect_timeout_s,
+                                           json={"model": model, "prompt": text, "add_special_tokens": False})
+        if response.status_code in (404, 405) and upstream_error(response.content).type is None:
+            log.warning("%s engine: replica %s has no /tokenize: its vocabulary is not checked", self.name, replica.url)
+            return
+        response.raise_for_status()
+        got, expected = response.json()["tokens"], [i for i, _ in base.specials]
+        if got != expected:
+            raise _WrongModel(f"it serves {model!r}, whose tokenizer is not the configured base's "
+                              f"({self._probe_model}): its special tokens {text!r} are {got}, not {expected}")
 
     async def _probe(self, replica: Replica) -> str | None:
         """Load and unload the probe adapter: None when the replica reads the shared volume, else why not."""
         path = self._probe_path
         response = await self._post(replica, "/v1/load_lora_adapter",
                                     {"lora_name": PROBE, "lora_path": path, "load_inplace": True})
-        message = error_message(response.content)
+        error = upstream_error(response.content)
+        message = error.message
         if response.status_code == 200:
             await self._post(replica, "/v1/unload_lora_adapter", {"lora_name": PROBE})
             return None
-        if "No adapter found" in message:
+        if _unreadable_path(response.status_code, error):
             reason = self._unreadable(path, message)
-        elif response.status_code in (404, 405):
+        elif response.status_code in (404, 405):  # no such route: not vLLM's error body
             reason = "runtime adapter loading is off: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
         else:
             reason = f"the probe adapter did not load: {response.status_code} {message}"
@@ -604,18 +678,19 @@ class VLLMEngine:
             raise ValueError("no such directory: mount the adapter volume shared with vLLM there")
         if self._probe_model is None:
             raise ValueError("no base model to build the probe adapter for")
-        config = AutoConfig.from_pretrained(resolve_model_dir(self._probe_model))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        module, linear = min(linear_modules(model, ["q_proj"]).items())
-        shape = f"{module}:{linear.in_features}x{linear.out_features}"
+        q_proj = {n.removesuffix(".weight"): s for n, s in st.shapes(resolve_model_dir(self._probe_model)).items()
+                  if n.endswith(".q_proj.weight") and len(s) == 2}
+        if not q_proj:
+            raise ValueError(f"the base {self._probe_model} has no q_proj layer to build the probe adapter on")
+        module, (out_features, in_features) = min(q_proj.items())
+        shape = f"{module}:{in_features}x{out_features}"
         name = f"{PROBE}-{hashlib.sha256(shape.encode()).hexdigest()[:12]}"
         if not (root / name / "adapter_config.json").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
             try:
-                save_file({f"base_model.model.{module}.lora_A.weight": torch.zeros(1, linear.in_features),
-                           f"base_model.model.{module}.lora_B.weight": torch.zeros(linear.out_features, 1)},
-                          str(tmp / "adapter_model.safetensors"))
+                st.write(tmp / "adapter_model.safetensors",
+                         {f"base_model.model.{module}.lora_A.weight": st.Tensor("F32", (1, in_features), bytes(4 * in_features)),
+                          f"base_model.model.{module}.lora_B.weight": st.Tensor("F32", (out_features, 1), bytes(4 * out_features))})
                 (tmp / "adapter_config.json").write_text(
                     '{"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"]}\n')
                 os.replace(tmp, root / name)
@@ -636,6 +711,13 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
 def _rank(adapter: str, url: str) -> bytes:
     """Rendezvous (highest random weight) hashing; sorted ascending, the first is the adapter's home."""
     return hashlib.sha256(f"{adapter}\0{url}".encode()).digest()
+
+
+def _unreadable_path(status: int, error: UpstreamError) -> bool:
+    """vLLM's answer to loading an adapter whose directory it cannot read: a 404 with its own error
+    body (`NotFoundError`, its LoRAAdapterNotFoundError), where a server without runtime loading has
+    no such route (a 404 or 405 without vLLM's body)."""
+    return status == 404 and error.type == "NotFoundError"
 
 
 def _busy(replica: Replica) -> int:

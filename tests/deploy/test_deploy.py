@@ -88,12 +88,34 @@ def test_checkov_passes(framework: str, target: list[str | Path]) -> None:
         assert len(skipped["check_result"].get("suppress_comment", "")) > 20, skipped["check_id"]
 
 
-def test_the_dockerfile_is_slim_non_root_and_checks_its_health() -> None:
+def dockerfile_stages() -> dict[str, tuple[str, str]]:
+    """Stage name -> (what it is FROM, its text)."""
     text = (ROOT / "Dockerfile").read_text()
-    final = text[text.rindex("\nFROM "):]
-    assert re.search(r"^FROM python:3\.11-slim", final, re.M)
+    found = re.findall(r"^FROM (\S+) AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S)
+    assert len(found) == text.count("\nFROM "), "every stage is named"
+    return {name: (base, body) for base, name, body in found}
+
+
+@pytest.mark.parametrize("target", ["gateway", "gateway-vllm"])
+def test_the_dockerfile_is_slim_non_root_and_checks_its_health(target: str) -> None:
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "gateway", "the default target is the full gateway"
+
+    def chain(stage: str) -> tuple[str, str]:
+        """The Python image a stage starts from, and the text of its stages down to it."""
+        base, text = stages[stage]
+        while base in stages:
+            base, body = stages[base]
+            text = body + text
+        return base, text
+
+    base, final = chain(target)
+    assert re.match(r"python:3\.11-slim", base)
     assert re.search(r"^USER 10001", final, re.M) and "/healthz" in final and "HEALTHCHECK" in final
     assert re.search(r'^ENTRYPOINT \["salora", "serve"\]', final, re.M)
+    (venv,) = re.findall(r"^COPY --from=(\S+) /opt/venv /opt/venv$", final, re.M)
+    installs = " ".join(re.findall(r"^RUN .*(?:\n .*)*", chain(venv)[1], re.M))
+    assert ("torch==" in installs) == (target == "gateway")  # gateway-vllm's venv has no torch
     ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert ignored[0] == "*" and {"!salora/", "!gateway/", "!salora_cli/", "!pyproject.toml"} <= set(ignored)
 

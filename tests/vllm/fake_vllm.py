@@ -2,10 +2,11 @@
 
 Real vLLM servers are used where the point is vLLM itself (test_vllm_server.py, test_vllm_replicas.py);
 each takes 5 GiB and 40 s to start on this machine, so the cases that need three replicas, a dead one
-brought back, or a replica that mounts the adapter volume elsewhere use this fake. Its answers copy
-vLLM 0.32's as recorded from a real server: the error bodies and messages, `parent` on adapters in
-`/v1/models`, "already been loaded" on a second load without `load_inplace`, "No adapter found for
-PATH" when it cannot read the directory, and usage after the finish event of a stream.
+brought back, or a replica that mounts the adapter volume elsewhere use this fake. Its answers have
+the structure of vLLM 0.32's as recorded from a real server (statuses; error bodies with vLLM's
+`type` and `param`; `parent` on adapters in `/v1/models`; usage after the finish event of a stream)
+but messages of its own wording: the engine must recognise a failure by its status, type and param,
+never by a message (tests/vllm/test_vllm_server.py checks the same cases on a real server).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class FakeVLLM:
     word, so a test sees which adapter (and, through `served`, which replica) produced it."""
 
     def __init__(self, model: str = "base", mount: tuple[str, Path] | None = None, lora: bool = True,
-                 max_lora_rank: int = 64, max_model_len: int = 512) -> None:
+                 max_lora_rank: int = 64, max_model_len: int = 512, specials: dict[str, int] | None = None) -> None:
         self.model, self.mount, self.max_lora_rank, self.max_model_len = model, mount, max_lora_rank, max_model_len
+        self.specials = specials  # its vocabulary's special tokens; None: no /tokenize (not every server has it)
         self.adapters: dict[str, str] = {}
         self.started: Counter[str] = Counter()  # chat requests begun, by model
         self.served: Counter[str] = Counter()  # completed chat requests by model
@@ -62,7 +64,8 @@ class FakeVLLM:
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            cards = [{"id": self.model, "object": "model", "root": "/models/base", "parent": None}]
+            cards = [{"id": self.model, "object": "model", "root": "/models/base", "parent": None,
+                      "max_model_len": self.max_model_len}]
             cards += [{"id": n, "object": "model", "root": p, "parent": self.model} for n, p in self.adapters.items()]
             return {"object": "list", "data": cards}
 
@@ -72,15 +75,13 @@ class FakeVLLM:
                 body = await request.json()
                 name, path = body["lora_name"], body["lora_path"]
                 if name in self.adapters and not body.get("load_inplace"):
-                    return _error(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
-                                       "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
+                    return _error(400, f"fake: {name} is taken", "InvalidUserInput")
                 real = self._readable(path)
                 if real is None:
-                    return _error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
+                    return _error(404, f"fake: nothing readable at {path}", "NotFoundError")
                 rank = json.loads((real / "adapter_config.json").read_text())["r"]
                 if rank > self.max_lora_rank:
-                    return _error(400, f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}.",
-                                  "BadRequestError")
+                    return _error(400, f"fake: rank {rank} over the limit {self.max_lora_rank}", "BadRequestError")
                 self.adapters[name] = path
                 self.loads.append(name)
                 return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -89,9 +90,22 @@ class FakeVLLM:
             async def unload(request: Request) -> Response:
                 name = (await request.json())["lora_name"]
                 if self.adapters.pop(name, None) is None:
-                    return _error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+                    return _error(404, f"fake: no {name} to unload", "NotFoundError")
                 self.unloads.append(name)
                 return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+        if self.specials is not None:
+            specials = self.specials
+
+            @app.post("/tokenize")
+            async def tokenize(request: Request) -> Response:
+                """Special tokens by their spelling, anything else one token a character (id -1)."""
+                text, tokens = (await request.json())["prompt"], []
+                while text:
+                    found = next((t for t in specials if text.startswith(t)), None)
+                    tokens.append(specials[found] if found else -1)
+                    text = text[len(found) if found else 1:]
+                return JSONResponse({"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens})
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
@@ -100,12 +114,10 @@ class FakeVLLM:
             if self.fail_chat:
                 return _error(self.fail_chat.pop(0), "injected failure", "InternalServerError")
             if model != self.model and model not in self.adapters:
-                return _error(404, f"The model `{model}` does not exist. Valid aliases: {self.model}.", "NotFoundError",
-                              "model")
+                return _error(404, f"fake: no model {model}", "NotFoundError", "model")
             if body["max_tokens"] > self.max_model_len:
-                return _error(400, f"max_tokens={body['max_tokens']} cannot be greater than max_model_len="
-                                   f"{self.max_model_len}. Please request fewer output tokens.", "BadRequestError",
-                              "max_tokens")
+                return _error(400, f"fake: {body['max_tokens']} tokens do not fit in {self.max_model_len}",
+                              "BadRequestError", "max_tokens")
             self.started[model] += 1
             prompt = body["messages"][-1]["content"]
             words = f"[{model}] {prompt}".split(" ")

@@ -307,7 +307,7 @@ def test_an_adapter_vllm_rejects_is_not_registered(fakes: Fakes, tmp_path: Path,
     replica = fakes(FakeVLLM(max_lora_rank=2))  # the adapters have rank 4
 
     async def body(engine: VLLMEngine) -> None:
-        with pytest.raises(RequestRejected, match="greater than max_lora_rank") as e:
+        with pytest.raises(RequestRejected, match="over the limit 2") as e:
             await engine.load_adapter("alpha", adapter_dirs["alpha"])
         assert e.value.code == "invalid_adapter" and engine.adapters() == frozenset()
 
@@ -360,3 +360,38 @@ def test_two_gateways_agree_on_placement_and_do_not_evict_each_others_adapters(
     unloads = [n for s in servers for n in ops(s.fake.unloads)]
     assert sorted(loads) == sorted(names) and unloads == []
     assert sum(len(s.fake.adapters) for s in servers) == len(names)
+
+
+def special_ids(model_dir: Path) -> dict[str, int]:
+    return {t["content"]: t["id"] for t in json.loads((model_dir / "tokenizer.json").read_text())["added_tokens"]
+            if t["special"]}
+
+
+def test_a_replica_serving_the_configured_base_is_used(fakes: Fakes, tmp_path: Path, gateway_model_dir: Path) -> None:
+    replica = fakes(FakeVLLM(specials=special_ids(gateway_model_dir)))
+
+    async def body(engine: VLLMEngine) -> None:
+        assert engine.ready and (await ask(engine, "hi"))[0] == "[base] hi"
+
+    run(make_engine(tmp_path, gateway_model_dir, [replica]), body)
+
+
+@pytest.mark.parametrize("served, why", [
+    (dict(max_model_len=4096), "with a context of 4096 tokens, more than the 1024 of the configured base"),
+    (dict(specials={"<|im_start|>": 7, "<|im_end|>": 8}), "whose tokenizer is not the configured base's"),
+])
+def test_a_replica_serving_another_model_is_refused_at_start(fakes: Fakes, tmp_path: Path, gateway_model_dir: Path,
+                                                             served: dict, why: str) -> None:
+    replica = fakes(FakeVLLM(**served))
+    engine = make_engine(tmp_path, gateway_model_dir, [replica])
+
+    async def start() -> None:
+        try:
+            await asyncio.wait_for(engine.start(), 20)
+        finally:
+            await engine.close()
+
+    with pytest.raises(EngineError, match="refuses to start") as e:
+        asyncio.run(start())
+    assert why in str(e.value) and "\n" not in str(e.value) and engine.error == str(e.value)
+    assert replica.fake.started == {}  # nothing was sent to it

@@ -57,7 +57,7 @@ def test_chat_passes_through_with_openai_semantics(fakes: Fakes, serve_app, tmp_
 
     with pytest.raises(openai.BadRequestError) as e:  # vLLM's 400 reaches the client as OpenAI's 400
         gw.chat(key, "base", "hi", max_tokens=1000)
-    assert e.value.code == "context_length_exceeded" and "max_model_len=512" in e.value.message
+    assert e.value.code == "context_length_exceeded" and "do not fit in 512" in e.value.message  # vLLM's own message, passed on
 
     assert sample(gw, "salora_tokens_total", tenant="acme", adapter="alpha", kind="completion") == 6
     assert sample(gw, "salora_requests_total", tenant="acme", adapter="alpha", status="200") == 2
@@ -155,3 +155,22 @@ routes:
         with pytest.raises(SaLoRAError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_settings(None, model=str(gateway_model_dir), **bad)
     assert Settings(model=str(gateway_model_dir)).engine == "local"
+
+
+def test_an_engine_error_on_a_route_is_counted_for_the_engine_that_failed(fakes: Fakes, serve_app, tmp_path: Path,
+                                                                          gateway_model_dir: Path) -> None:
+    shared, merged = fakes(), fakes(FakeVLLM(model="acme-merged"))
+    settings = vllm_settings(tmp_path, gateway_model_dir, [shared],
+                             engines={"acme-dedicated": {"urls": [merged.url], "health_interval_s": 0.2}},
+                             routes={"acme-support": "acme-dedicated"})
+    gw = serve_app(settings)
+    gw.wait_ready()
+    acme = tenant(gw, "acme", ["acme-support"])
+    assert gw.chat(acme, "acme-support", "hello").choices[0].message.content == "[acme-merged] hello"
+    merged.fake.fail_chat = [503, 503, 503]  # the dedicated deployment fails; the shared one is fine
+    with pytest.raises(openai.InternalServerError):
+        gw.chat(acme, "acme-support", "hello")
+    failed = {k: sample(gw, "salora_engine_errors_total", engine="acme-dedicated", kind=k) for k in ("upstream", "unavailable")}
+    assert sum(failed.values()) == 1, failed
+    assert sum(sample(gw, "salora_engine_errors_total", engine="vllm", kind=k) for k in ("upstream", "unavailable")) == 0
+    assert gw.chat(acme, "base", "hi").choices[0].message.content == "[base] hi"

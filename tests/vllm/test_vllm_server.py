@@ -4,13 +4,16 @@ and retiring it unloads it from vLLM."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import openai
 import pytest
 
 from gateway.canary.probes import select_probes
-from gateway.settings import Settings
+from gateway.engines.base import EngineError, GenerationRequest, RequestRejected
+from gateway.engines.vllm import PROBE, VLLMEngine
+from gateway.settings import Settings, VLLMConfig
 from tests.gateway.conftest import ADMIN_KEY, LiveGateway
 from tests.lifecycle.conftest import adapter_files, upload, wait_state
 from tests.vllm.conftest import VLLMServer, greedy_answers, vllm_metric, vllm_models
@@ -137,3 +140,57 @@ def test_vllm_tokenizes_forged_turns_as_text(gateway: LiveGateway, key: str) -> 
                                                         return_dict=False))
     assert answer.usage.prompt_tokens == count(gateway.ctx.content_guard.messages(messages))
     assert answer.usage.prompt_tokens > count(messages)
+
+
+def test_vllm_failures_are_recognised_by_their_structure(vllm_primary: VLLMServer, tmp_path: Path) -> None:
+    """The real server's failures, as the engine reads them (status, error type and param; fake_vllm.py
+    has the same structure with other words): a volume vLLM cannot read (404 NotFoundError on load),
+    answers longer than the context (400, param max_tokens) and prompts longer than it (400, param
+    input_tokens)."""
+    vllm_primary.wait_ready()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    config = VLLMConfig(urls=[vllm_primary.url], adapter_dir=shared, upstream_adapter_dir="/nowhere/adapters")
+    engine = VLLMEngine("vllm", config, "smollm2-vllm", probe_model="embedded")
+
+    async def ask(text: str, max_tokens: int) -> RequestRejected:
+        with pytest.raises(RequestRejected) as e:
+            request = GenerationRequest([{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0)
+            [c async for c in engine.generate(request)]
+        return e.value
+
+    async def body() -> None:
+        await asyncio.wait_for(engine.start(), 120)
+        try:
+            probe = next(shared.glob(f"{PROBE}-*"))
+            with pytest.raises(EngineError, match="vLLM cannot read /nowhere/adapters/salora-volume-probe-") as e:
+                await engine.load_adapter("probe-copy", probe)
+            assert e.value.kind == "adapter"
+            too_long = await ask("Hello", 4096)  # --max-model-len 2048
+            assert (too_long.code, too_long.param) == ("context_length_exceeded", "max_tokens")
+            huge = await ask("word " * 3000, 1)
+            assert (huge.code, huge.param) == ("context_length_exceeded", "input_tokens")
+            fits = GenerationRequest([{"role": "user", "content": "Hello"}], max_tokens=2, temperature=0)
+            assert [c async for c in engine.generate(fits)][-1].completion_tokens == 2  # what fits is answered
+        finally:
+            await engine.close()
+
+    asyncio.run(body())
+
+
+def test_a_gateway_whose_base_is_not_what_vllm_serves_refuses_to_start(vllm_primary: VLLMServer,
+                                                                          gateway_model_dir: Path) -> None:
+    """The gateway configured with another base (a tiny Llama with a 1024-token context) than the one
+    the real server serves (the embedded model, --max-model-len 2048): one line, no start."""
+    vllm_primary.wait_ready()
+    engine = VLLMEngine("vllm", VLLMConfig(urls=[vllm_primary.url]), "base", probe_model=str(gateway_model_dir))
+
+    async def start() -> None:
+        try:
+            await asyncio.wait_for(engine.start(), 120)
+        finally:
+            await engine.close()
+
+    with pytest.raises(EngineError, match="refuses to start.*context of 2048 tokens, more than the 1024") as e:
+        asyncio.run(start())
+    assert "\n" not in str(e.value)

@@ -42,7 +42,7 @@ from gateway.ratelimit import Headroom, Limited, Reservation
 from gateway.request_id import request_id
 from gateway.request_log import log_request
 from gateway.tenants import Tenant
-from salora.chat import prompt_text
+from salora.messages import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class _Answer:
 
     def failed(self, error: EngineError) -> None:
         self.status = "503"
-        self.ctx.metrics.engine_errors.labels(self.ctx.engine.name, error.kind).inc()
+        self.ctx.metrics.engine_errors.labels(error.engine or self.ctx.engine.name, error.kind).inc()
 
     @property
     def usage(self) -> dict[str, int]:
@@ -230,7 +230,7 @@ class ChatServing:
                     first = await anext(stream)
                 except EngineError as e:
                     admitted.settle(0)  # nothing was generated
-                    ctx.metrics.engine_errors.labels(ctx.engine.name, e.kind).inc()
+                    ctx.metrics.engine_errors.labels(e.engine or ctx.engine.name, e.kind).inc()
                     raise unavailable(str(e)) from None
                 except RequestRejected as e:
                     admitted.settle(0)
