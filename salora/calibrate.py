@@ -90,7 +90,8 @@ def output_second_moment(W: torch.Tensor, moments: Moments) -> torch.Tensor:
 def _eigh32(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """eigh of a symmetric float64 matrix, decomposed in float32 (half the time of float64 on a CPU,
     and the bases are stored in float32 anyway): eigenvalues ascending (float64), eigenvectors."""
-    eigvals, eigvecs = torch.linalg.eigh(((M + M.T) / 2).to(torch.float32))
+    symmetric = M + M.T  # one float64 copy (then float32): these are the calibration's largest transients
+    eigvals, eigvecs = torch.linalg.eigh(symmetric.mul_(0.5).to(torch.float32))
     return eigvals.double(), eigvecs
 
 
@@ -228,9 +229,12 @@ class _Accumulators:
 
     def moment(self, name: str, kind: str) -> Moments:
         owner = self.owner[name]
+        sums, count = self.sums[owner], self.counts[owner]
         if kind == "all":
-            return Moments(self.sums[owner]["resp"] + self.sums[owner]["rest"], self.counts[owner]["resp"] + self.counts[owner]["rest"])
-        return Moments(self.sums[owner][kind], self.counts[owner][kind])
+            if "all" not in sums:  # formed once, in place: once V is decomposed the rest is not needed alone
+                sums["all"] = sums.pop("rest").add_(sums["resp"])
+            return Moments(sums["all"], count["resp"] + count["rest"])
+        return Moments(sums[kind], count[kind])
 
     def drop(self, names: list[str]) -> None:
         for name in names:
