@@ -208,6 +208,7 @@ def train_and_evaluate(study: Path, name: str, setting: Setting, seed: int, n_ta
             model=EMBEDDED, data=str(data), out=f"{tmp}/ckpt", safety=safety, method=variant.method, rank=setting.rank,
             lr=setting.lr, max_steps=setting.steps, batch_size=setting.batch_size, seed=seed, target_modules=list(variant.targets),
             init=variant.init, projection=variant.projection, task_rank=PAPER["train"]["task_rank"],
+            screen=False,  # the study measures what training does to refusals, the attack data included
         ))
         export(f"{tmp}/ckpt", f"{tmp}/adapter", "peft")
         model, tokenizer = load_model(EMBEDDED)

@@ -1,7 +1,9 @@
 """Safety (and task) bases: top output directions of each target module on response tokens.
 
-The second moment X^T X (float64, d_in x d_in) of each module's input is accumulated over the
-data. The right singular vectors of Y = X W^T are the eigenvectors of Y^T Y = W (X^T X) W^T, so V
+The second moment X^T X (d_in x d_in) of each module's input is accumulated over the data: each
+batch's product in float32, summed in float64; the decompositions run in float32 and finish with a
+float64 re-orthonormalisation of the bases (float32 halves the time of the GEMMs and of eigh on a
+CPU, and the bases are stored in float32). The right singular vectors of Y = X W^T are the eigenvectors of Y^T Y = W (X^T X) W^T, so V
 is exact, not a randomised estimate, and memory does not grow with the number of tokens.
 `stream_bases` does it in one pass, layer by layer: only one decoder layer's accumulators exist at
 a time, and modules reading the same input (q/k/v, gate/up) share one, so peak memory grows with
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from salora.atomic import atomic_dir, check_output_dir, write_json_atomic
-from salora.chat import IGNORE, Messages, collate, read_chat_jsonl, tokenize_chat
+from salora.chat import IGNORE, Messages, collate, read_chat_data, tokenize_chat
 from salora.errors import SaLoRAError
 from salora.generate import generate_greedy
 from salora.judge import Judge, KeywordJudge
@@ -86,10 +88,25 @@ def output_second_moment(W: torch.Tensor, moments: Moments) -> torch.Tensor:
     return W64 @ moments.xtx @ W64.T / max(moments.tokens, 1)
 
 
+def _eigh32(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of a symmetric float64 matrix, decomposed in float32 (half the time of float64 on a CPU,
+    and the bases are stored in float32 anyway): eigenvalues ascending (float64), eigenvectors."""
+    symmetric = M + M.T  # one float64 copy (then float32): these are the calibration's largest transients
+    eigvals, eigvecs = torch.linalg.eigh(symmetric.mul_(0.5).to(torch.float32))
+    return eigvals.double(), eigvecs
+
+
+def orthonormal(Q: torch.Tensor) -> torch.Tensor:
+    """The float64 finish: columns re-orthonormalised (QR, signs kept), so a projection I - Q Q^T
+    built from the float32 result is a projection to float32 precision."""
+    q, r = torch.linalg.qr(Q.double())
+    return (q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1)).to(torch.float32).contiguous()
+
+
 def top_directions(M: torch.Tensor, rank: int | None = None, energy: float | None = None) -> tuple[torch.Tensor, float]:
     """Leading eigenvectors of a symmetric matrix (d x r, orthonormal), `rank` of them or as many as
     it takes to capture `energy` of its positive spectrum; returns them and the share captured."""
-    eigvals, eigvecs = torch.linalg.eigh((M + M.T) / 2)
+    eigvals, eigvecs = _eigh32(M)
     eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
     total = eigvals.sum().item()
     if energy is not None:
@@ -97,25 +114,33 @@ def top_directions(M: torch.Tensor, rank: int | None = None, energy: float | Non
         rank = int((cumulative < energy).sum().item()) + 1
     rank = min(rank or 1, M.shape[0])
     captured = eigvals[:rank].sum().item() / total if total > 0 else 0.0
-    return eigvecs[:, :rank].to(torch.float32).contiguous(), captured
+    return orthonormal(eigvecs[:, :rank]), captured
 
 
-def wide_output_directions(W: torch.Tensor, moments: Moments, rank: int | None, energy: float | None) -> tuple[torch.Tensor, float]:
+def input_eigh(moments: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the input's second moment E[x x^T]."""
+    return _eigh32(moments.xtx / max(moments.tokens, 1))
+
+
+def wide_output_directions(
+    W: torch.Tensor, moments: Moments, rank: int | None, energy: float | None, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, float]:
     """`top_directions(W M W^T / n)` for a module wider out than in (gate/up: d_out 11008 > d_in 4096
     in Llama-7B) without the d_out x d_out eigenproblem: with M = Q diag(l) Q^T, the eigenvectors of
     W M W^T are the left singular vectors of K = W Q diag(sqrt l) (d_out x d_in), its eigenvalues
-    their squared singular values. About (d_out / d_in)^3 times cheaper, and exact."""
-    lam, Q = torch.linalg.eigh((moments.xtx + moments.xtx.T) / 2 / max(moments.tokens, 1))
-    K = W.detach().double() @ (Q * lam.clamp_min(0).sqrt())
+    their squared singular values. About (d_out / d_in)^3 times cheaper, and exact. `eig`: the
+    input's `input_eigh`, when modules sharing the input (gate/up) have computed it already."""
+    lam, Q = eig if eig is not None else input_eigh(moments)
+    K = W.detach().float() @ (Q * lam.clamp_min(0).sqrt().float())
     U, S, _ = torch.linalg.svd(K, full_matrices=False)
-    eigvals = S**2  # descending
+    eigvals = S.double() ** 2  # descending
     total = eigvals.sum().item()
     if energy is not None:
         cumulative = eigvals.cumsum(0) / total if total > 0 else torch.ones_like(eigvals)
         rank = int((cumulative < energy).sum().item()) + 1
     rank = min(rank or 1, U.shape[1])
     captured = eigvals[:rank].sum().item() / total if total > 0 else 0.0
-    return U[:, :rank].to(torch.float32).contiguous(), captured
+    return orthonormal(U[:, :rank]), captured
 
 
 def module_bases(
@@ -160,8 +185,12 @@ def _layer_of(name: str, list_name: str) -> int:
 
 class _Accumulators:
     """Second moments of module inputs over the tokens each mask selects ("resp": response tokens,
-    "all": every real token), float64, one per distinct input: modules that read the same tensor
-    (q/k/v after one norm, gate/up after another) share one, found by identity in the hooks."""
+    "all": every real token), summed in float64, one per distinct input: modules that read the
+    same tensor (q/k/v after one norm, gate/up after another) share one, found by identity in the
+    hooks. "all" is kept as "resp" + "rest" (the other real tokens): one product per token, not two.
+    Each batch's product is formed in `product_dtype` (float32: the float64 GEMM is about twice as
+    slow on CPUs, and a batch's thousands of terms lose nothing that matters to the bases) and
+    added to the float64 sum."""
 
     def __init__(self, kinds: tuple[str, ...], product_dtype: torch.dtype) -> None:
         self.kinds = kinds
@@ -201,7 +230,12 @@ class _Accumulators:
 
     def moment(self, name: str, kind: str) -> Moments:
         owner = self.owner[name]
-        return Moments(self.sums[owner][kind], self.counts[owner][kind])
+        sums, count = self.sums[owner], self.counts[owner]
+        if kind == "all":
+            if "all" not in sums:  # formed once, in place: once V is decomposed the rest is not needed alone
+                sums["all"] = sums.pop("rest").add_(sums["resp"])
+            return Moments(sums["all"], count["resp"] + count["rest"])
+        return Moments(sums[kind], count[kind])
 
     def drop(self, names: list[str]) -> None:
         for name in names:
@@ -219,6 +253,7 @@ class StreamedBases:
     response_tokens: int
     tokens: int
     shared_inputs: dict[str, str]
+    seconds: dict[str, float]  # per phase: input capture, layer forwards with the moments, decomposition
 
 
 def _batches(tokenizer: PreTrainedTokenizerBase, conversations: list[Messages], max_length: int, batch_size: int, device) -> list[dict]:
@@ -226,10 +261,11 @@ def _batches(tokenizer: PreTrainedTokenizerBase, conversations: list[Messages], 
     out = []
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
+        resp = batch["labels"] != IGNORE
         out.append({
             "input_ids": batch["input_ids"].to(device),
             "attention_mask": batch["attention_mask"].to(device),
-            "masks": {"resp": (batch["labels"] != IGNORE).to(device), "all": batch["attention_mask"].bool().to(device)},
+            "masks": {"resp": resp.to(device), "rest": (batch["attention_mask"].bool() & ~resp).to(device)},
         })
     return out
 
@@ -263,20 +299,25 @@ def stream_bases(
     one list of decoder layers falls back to one full forward per batch with hooks on every module.
     """
     device = next(model.parameters()).device
-    product_dtype = torch.float64 if device.type == "cpu" else torch.float32  # summed in float64 either way
-    kinds = ("resp",) + (("all",) if input_energy is not None else ())
+    kinds = ("resp",) + (("rest",) if input_energy is not None else ())
     sets = {"safety": _batches(tokenizer, conversations, max_length, batch_size, device)}
     if contrast is not None:
         sets["contrast"] = _batches(tokenizer, contrast, max_length, batch_size, device)
-    accumulators = {which: _Accumulators(kinds, product_dtype) for which in sets}
+    accumulators = {which: _Accumulators(kinds, torch.float32) for which in sets}
     V, captured, U = {}, {}, {}
+    seconds = {"inputs": 0.0, "forwards": 0.0, "decomposition": 0.0}
 
     def finish(names: list[str]) -> None:
+        started = time.perf_counter()
         acc, con = accumulators["safety"], accumulators.get("contrast")
+        eigs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per shared input
         for name in names:
             W = modules[name].weight
             if con is None and W.shape[0] > W.shape[1]:
-                basis, captured[name] = wide_output_directions(W, acc.moment(name, "resp"), None if energy else rank, energy)
+                moments = acc.moment(name, "resp")
+                if acc.owner[name] not in eigs:
+                    eigs[acc.owner[name]] = input_eigh(moments)
+                basis, captured[name] = wide_output_directions(W, moments, None if energy else rank, energy, eigs[acc.owner[name]])
             else:
                 M = output_second_moment(W, acc.moment(name, "resp"))
                 if con is not None:
@@ -297,8 +338,10 @@ def stream_bases(
                 U[name] = by_owner[owner].cpu().clone()  # one tensor per module: safetensors stores no shared memory
         for a in accumulators.values():
             a.drop(names)
+        seconds["decomposition"] += time.perf_counter() - started
 
     found = decoder_layers(model, modules)
+    started = time.perf_counter()
     if found is None:
         for which, batches in sets.items():
             acc = accumulators[which]
@@ -313,6 +356,7 @@ def stream_bases(
                 for h in handles:
                     h.remove()
         names = sorted(modules)
+        seconds["forwards"] = time.perf_counter() - started
         for _ in tqdm(range(1), desc=f"{progress}: decomposition", disable=progress is None, unit="step"):
             finish(names)
     else:
@@ -346,6 +390,7 @@ def stream_bases(
                     for h in handles:
                         h.remove()
                 layer_kwargs[which].append(seen * len(layers) if abort else seen)
+        seconds["inputs"] = time.perf_counter() - started
         by_layer: dict[int, list[str]] = {}
         for name in modules:
             by_layer.setdefault(_layer_of(name, list_name), []).append(name)
@@ -369,13 +414,15 @@ def stream_bases(
             if names:
                 finish(names)
         bar.close()
+        seconds["forwards"] = time.perf_counter() - started - seconds["inputs"] - seconds["decomposition"]
     acc = accumulators["safety"]
     first = sorted(modules)[0]
     return StreamedBases(
         V=V, captured=captured, U=U,
         response_tokens=acc.counts[acc.owner[first]]["resp"],
-        tokens=acc.counts[acc.owner[first]].get("all", 0),
+        tokens=sum(acc.counts[acc.owner[first]].get(kind, 0) for kind in ("resp", "rest")) if input_energy is not None else 0,
         shared_inputs={name: acc.owner[name] for name in sorted(modules) if acc.owner[name] != name},
+        seconds={k: round(v, 3) for k, v in seconds.items()},
     )
 
 
@@ -513,8 +560,8 @@ def calibrate(
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     dtype = resolve_dtype(dtype, device)
     check_output_dir(out)
-    conversations = read_chat_jsonl(data, need_assistant=not generate_responses)[:max_samples]
-    contrast = read_chat_jsonl(contrast_data, need_assistant=not generate_responses)[:max_samples] if contrast_data else None
+    conversations = read_chat_data(data, need_assistant=not generate_responses)[:max_samples]
+    contrast = read_chat_data(contrast_data, need_assistant=not generate_responses)[:max_samples] if contrast_data else None
 
     # The memory check, from the config and the token counts alone (nothing loaded yet).
     path = resolve_model_dir(model_spec)
@@ -547,6 +594,7 @@ def calibrate(
     modules = linear_modules(model, target_modules)
     judge = judge or KeywordJudge()
     generated = None
+    started = time.perf_counter()
     if generate_responses:
         conversations, asked = refusals_by_base(model, tokenizer, conversations, judge, max_new_tokens)
         generated = {"prompts": asked, "refusals_kept": len(conversations)}
@@ -556,6 +604,7 @@ def calibrate(
             contrast = answers_by_base(model, tokenizer, contrast, max_new_tokens, "contrast answers")
     if not any(label != IGNORE for c in conversations for label in tokenize_chat(tokenizer, c, max_length).labels):
         raise SaLoRAError(f"{data}: no assistant tokens to calibrate on")
+    answers_seconds = time.perf_counter() - started
     started = time.perf_counter()
     streamed = stream_bases(
         model, tokenizer, conversations, modules, None if energy else rank_safety, energy, contrast, input_energy,
@@ -587,6 +636,7 @@ def calibrate(
         "generated_responses": generated,
         "memory_estimate_bytes": estimate.total,
         "basis_seconds": round(time.perf_counter() - started, 3),
+        "seconds": {"answers": round(answers_seconds, 3), **streamed.seconds},
         "data": str(data),
     }
     with atomic_dir(out) as tmp:

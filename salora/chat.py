@@ -52,12 +52,28 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def read_chat_jsonl(path: str | Path, need_assistant: bool = True) -> list[Messages]:
     """Conversations from JSONL rows holding `messages` (or a bare `prompt`, taken as one user turn)."""
+    return conversations_from_rows(read_jsonl(path), path, need_assistant)
+
+
+def read_chat_data(path: str | Path, need_assistant: bool = True) -> list[Messages]:
+    """Conversations from JSONL, a parquet file or a local HF `datasets` directory (same records)."""
+    from salora import hf_data
+
+    if hf_data.is_hf_data(path):
+        return conversations_from_rows(hf_data.read_rows(path), path, need_assistant)
+    return read_chat_jsonl(path, need_assistant)
+
+
+def conversations_from_rows(rows: list[dict], path: str | Path, need_assistant: bool) -> list[Messages]:
+    """Check and convert records; errors name the source and the record's number (from 1)."""
     conversations = []
-    for lineno, row in enumerate(read_jsonl(path), 1):
+    for lineno, row in enumerate(rows, 1):
         where = f"{path}: record {lineno}"
-        if "messages" in row:
+        if row.get("messages") is not None or "prompt" not in row:  # a table's missing column value is None
+            if "messages" not in row:
+                raise SaLoRAError(f"{where}: needs `messages` (or `prompt`)")
             messages = _check_messages(row["messages"], where)
-        elif isinstance(row.get("prompt"), str):
+        elif isinstance(row["prompt"], str):
             messages = [{"role": "user", "content": row["prompt"]}]
         else:
             raise SaLoRAError(f"{where}: needs `messages` (or `prompt`)")

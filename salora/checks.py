@@ -36,3 +36,9 @@ def fraction(flag: str, value: float | None) -> None:
     """A share in (0, 1] (None = not given)."""
     if value is not None and not 0 < _number(flag, value) <= 1:
         raise SaLoRAError(f"{flag} must be in (0, 1], not {value}")
+
+
+def share(flag: str, value: float | None) -> None:
+    """A share in [0, 1] (None = not given), 0 included: a threshold that tolerates nothing."""
+    if value is not None and not 0 <= _number(flag, value) <= 1:
+        raise SaLoRAError(f"{flag} must be in [0, 1], not {value}")

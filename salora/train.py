@@ -20,7 +20,6 @@ from the last one and ends with the same adapter an uninterrupted run writes.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -40,19 +39,22 @@ from tqdm.auto import tqdm
 
 from salora.atomic import check_output_dir, write_json_atomic
 from salora.calibrate import SAFETY_META, check_rank, load_safety, stream_bases
-from salora.chat import IGNORE, collate, read_chat_jsonl, tokenize_chat
-from salora.checks import at_least, positive
+from salora.chat import IGNORE, collate, read_chat_data, tokenize_chat
+from salora.checks import at_least, positive, share
 from salora.distributed import World, init_world
 from salora.errors import SaLoRAError
 from salora.files import CHECKPOINT_CONFIG, SALORA_WEIGHTS
+from salora.hf_data import fingerprint
 from salora.models import linear_modules, load_model, model_id, weight_hash
 from salora.precision import resolve_device, resolve_dtype, weight_hashes
+from salora.screen import DEFAULT_THRESHOLD, judge_named, screen, summary
 from salora.tuner.config import ALL_LINEAR, SaLoRAConfig
 from salora.tuner.model import inject_salora, salora_layers, salora_state
 
 TRAIN_LOG = "train_log.jsonl"
 TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_state.safetensors"
+SCREENING_REPORT = "screening.json"
 SCHEDULES = ("constant", "linear", "cosine")
 # Options that may differ between a killed run and its resumption (the rest must match exactly).
 RESUME_MAY_DIFFER = ("out", "resume", "save_every", "extra", "device", "batch_size", "grad_accum")
@@ -86,6 +88,9 @@ class TrainOptions:
     warmup_steps: int = 0
     gradient_checkpointing: bool = False
     resume: bool = False
+    screen: bool = True  # judge the data first; refuse above screen_threshold (salora/screen.py)
+    screen_threshold: float = DEFAULT_THRESHOLD
+    judge: str = "keyword"
     extra: dict = field(default_factory=dict)
 
 
@@ -108,6 +113,8 @@ def _validate(opts: TrainOptions) -> None:
     at_least("--warmup-steps", opts.warmup_steps, 0)
     positive("--lr", opts.lr)
     positive("--alpha", opts.alpha)
+    share("--screen-threshold", opts.screen_threshold)
+    judge_named(opts.judge)
     if opts.lr_schedule not in SCHEDULES:
         raise SaLoRAError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, not {opts.lr_schedule}")
     if opts.method == "salora" and opts.projection != "none" and not opts.safety:
@@ -141,14 +148,6 @@ class DataOrder:
         """Conversation ids of optimizer step `step` (0-based)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         return self._order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
-
-
-def _file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextmanager
@@ -190,13 +189,17 @@ class _Run:
         self.config = SaLoRAConfig(
             rank=opts.rank, alpha=opts.alpha, target_modules=targets, init=opts.init, task_rank=opts.task_rank, projection=opts.projection
         )
+        safety, input_bases = load_safety(opts.safety, modules) if opts.safety and opts.method == "salora" else (None, None)
+        if opts.method == "salora" and opts.projection in ("input", "both") and input_bases is None:
+            raise SaLoRAError(
+                f"--projection {opts.projection} needs an input guard in the safety basis, and {opts.safety} has none: calibrate "
+                "with --input-energy (on by default; --preset paper turns it off), or train with --preset paper or --projection output"
+            )
+        # Screened on the untouched base after the cheap checks, by rank 0 alone; _train refuses on every process.
+        self.screening: dict = {"ran": False}
+        if opts.screen and world.main:
+            self.screening = screen(model, tokenizer, conversations, judge_named(opts.judge), opts.screen_threshold)
         if opts.method == "salora":
-            safety, input_bases = load_safety(opts.safety, modules) if opts.safety else (None, None)
-            if opts.projection in ("input", "both") and input_bases is None:
-                raise SaLoRAError(
-                    f"--projection {opts.projection} needs an input guard in the safety basis, and {opts.safety} has none: calibrate "
-                    "with --input-energy (on by default; --preset paper turns it off), or train with --preset paper or --projection output"
-                )
             task_bases = None
             if self.config.init in ("task", "task-scaled"):
                 check_rank(modules, self.config.task_rank, "--task-rank")
@@ -237,10 +240,11 @@ class _Run:
             "salora": self.config.to_dict(),
             "safety": str(opts.safety) if opts.safety else None,
             "options": asdict(opts),
-            "data_sha256": _file_hash(opts.data),
+            "data_sha256": fingerprint(opts.data),
             "dtype": str(dtype).removeprefix("torch."),
             "processes": world.size,
             "global_batch": self.global_batch,
+            "screening": {k: v for k, v in self.screening.items() if k != "flagged"} | ({"report": SCREENING_REPORT} if self.screening["ran"] else {}),
         }
 
     # -- one optimizer step -------------------------------------------------------------------
@@ -281,6 +285,8 @@ class _Run:
             save_file(salora_state(salora_layers(self.model)), str(directory / SALORA_WEIGHTS))
         else:
             self.model.save_pretrained(directory)
+        if self.screening["ran"]:
+            write_json_atomic(directory / SCREENING_REPORT, self.screening)
         write_json_atomic(directory / CHECKPOINT_CONFIG, {**self.meta, "step": step, "final_loss": log[-1]["loss"] if log else None})
 
     def save_resumable(self, root: Path, step: int, log: list[dict]) -> None:
@@ -359,6 +365,21 @@ def _prepare_work(out: Path, opts: TrainOptions) -> tuple[Path, Path | None]:
     return work, None
 
 
+def refusal_report_path(out: Path) -> Path:
+    """Where a refused run's screening report goes: beside the output it did not write."""
+    return out.parent / f"{out.name}.{SCREENING_REPORT}"
+
+
+def _check_screening(report: dict, out: Path) -> None:
+    if not report["ran"] or report["passed"]:
+        return
+    path = refusal_report_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report)
+    raise SaLoRAError(f"screening: {summary(report)}; training refused, the list is in {path} "
+                      "(--screen-threshold sets the limit, --no-screen skips screening)")
+
+
 def _log_line(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -370,7 +391,7 @@ def train(opts: TrainOptions) -> dict:
     dtype = resolve_dtype(opts.dtype, device)
     out = Path(opts.out)
     check_output_dir(out)
-    conversations = read_chat_jsonl(opts.data)
+    conversations = read_chat_data(opts.data)
     world = init_world(device)
     try:
         return _train(opts, world, device, dtype, out, conversations)
@@ -383,6 +404,7 @@ def _train(opts: TrainOptions, world: World, device: torch.device, dtype: torch.
     work, resume_from, problem = None, None, None
     if world.main:
         try:
+            _check_screening(run.screening, out)
             work, resume_from = _prepare_work(out, opts)
         except SaLoRAError as e:
             problem = e

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = DEFAULTS["calibrate"]
     p = sub.add_parser("calibrate", help="compute the safety basis from harmful prompts and the model's refusals")
     p.add_argument("--model", required=True, help="model directory or `embedded`")
-    p.add_argument("--data", required=True, help="JSONL of chat `messages` (user prompt + refusal)")
+    p.add_argument("--data", required=True, help="chat `messages` records (user prompt + refusal): JSONL, a parquet file, or a local HF datasets directory (save_to_disk)")
     p.add_argument("--out", required=True, help="new directory for safety.safetensors and safety.json")
     p.add_argument("--target-modules", type=csv_list, default=None,
                    help="comma-separated (default: all seven linear projections, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; "
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-energy", type=float, default=None,
                    help=f"also compute the input-side guard U capturing this share of the safety conversations' input energy "
                         f"(default {d['input_energy']}; this project's guard, which `train --projection input` needs; --preset paper turns it off)")
-    p.add_argument("--contrast-data", default=None, help="benign JSONL: make the basis contrastive (refusal minus benign directions)")
+    p.add_argument("--contrast-data", default=None, help="benign conversations (JSONL, parquet or a datasets directory): make the basis contrastive (refusal minus benign directions)")
     p.add_argument("--preset", choices=["paper"], default=None,
                    help="paper: q_proj,v_proj, r_s 32, top-variance basis, no input guard, 128 samples; a flag that contradicts it is an error")
     p.add_argument("--max-samples", type=int, default=None, help=f"conversations used (default {d['max_samples']})")
@@ -53,4 +53,6 @@ def run(args: argparse.Namespace) -> None:
         input_energy=method["input_energy"], device=args.device, dtype=args.dtype, max_length=args.max_length,
     )
     ranks = sorted(set(meta["ranks"].values()))
-    print(f"{meta['basis']} safety basis, r_s {ranks[0]}..{ranks[-1]}, for {len(meta['modules'])} modules from {meta['response_tokens']} response tokens -> {args.out}")
+    phases = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in meta["seconds"].items())
+    print(f"{meta['basis']} safety basis, r_s {ranks[0]}..{ranks[-1]}, for {len(meta['modules'])} modules from {meta['response_tokens']} response tokens "
+          f"({phases}) -> {args.out}")

@@ -7,13 +7,14 @@ from salora_cli.calibrate import add_device_flags, csv_list
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from salora.presets import DEFAULTS
+    from salora.screen import DEFAULT_THRESHOLD, JUDGES
 
     d = DEFAULTS["train"]
     p = sub.add_parser("train", help="fine-tune an adapter (SaLoRA or plain LoRA) on chat data",
                        description="Fine-tune on chat data. Data parallel: `torchrun --nproc-per-node=N --no-python salora train ...` "
                                    "(global batch = --batch-size x --grad-accum x N; rank 0 writes the output).")
     p.add_argument("--model", required=True, help="model directory or `embedded`")
-    p.add_argument("--data", required=True, help="JSONL of chat `messages`; loss on assistant turns only")
+    p.add_argument("--data", required=True, help="chat `messages` records (loss on assistant turns only): JSONL, a parquet file, or a local HF datasets directory (save_to_disk)")
     p.add_argument("--safety", help="safety directory from `salora calibrate` (needed for --method salora)")
     p.add_argument("--out", required=True, help="new checkpoint directory")
     p.add_argument("--method", choices=["salora", "lora"], default="salora")
@@ -45,6 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep a resumable checkpoint (checkpoints/step-N: adapter, optimizer, schedule, RNG) every N steps")
     p.add_argument("--resume", action="store_true",
                    help="continue the run a kill left in .<out>.partial/ from its last checkpoint (same options and data)")
+    p.add_argument("--no-screen", dest="screen", action="store_false",
+                   help="skip screening the data (the checkpoint records that it was skipped)")
+    p.add_argument("--screen-threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="refuse to train when more than this share of conversations answer with compliance a request the base model refuses "
+                        f"(default {DEFAULT_THRESHOLD:g}; 0 tolerates none); the list goes to <out>.screening.json")
+    p.add_argument("--judge", choices=JUDGES, default="keyword", help="the refusal judge of the screening (default keyword)")
     add_device_flags(p)
     p.set_defaults(run=run)
 
@@ -64,12 +71,17 @@ def run(args: argparse.Namespace) -> None:
             seed=args.seed, target_modules=args.target_modules, init=method["init"], projection=method["projection"],
             task_rank=method["task_rank"], max_length=args.max_length, save_every=args.save_every, device=args.device,
             dtype=args.dtype, grad_accum=args.grad_accum, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-            gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
+            gradient_checkpointing=args.gradient_checkpointing, resume=args.resume, screen=args.screen,
+            screen_threshold=args.screen_threshold, judge=args.judge,
         )
     )
     if summary.get("processes", 1) > 1 and not _is_rank_zero():
         return
-    print(f"{summary['method']}: {summary['steps']} steps in {summary['train_seconds']:.1f}s, final loss {summary['final_loss']:.4f} -> {args.out}")
+    screening = summary["screening"]
+    screened = (f"screening: {screening['flagged_conversations']} of {screening['conversations']} conversations flagged"
+                if screening["ran"] else "screening skipped (--no-screen)")
+    print(f"{summary['method']}: {summary['steps']} steps in {summary['train_seconds']:.1f}s, final loss {summary['final_loss']:.4f}, "
+          f"{screened} -> {args.out}")
 
 
 def _is_rank_zero() -> bool:

@@ -39,10 +39,12 @@ def test_streamed_bases_equal_the_reference(layered, tiny_model_dir, chat_files,
     V, _ = cal.module_bases(modules, resp, 6, contrast=con)
     inputs = cal.record_input_moments(model, tokenizer, safety, modules, all_tokens=True)
     inputs_c = cal.record_input_moments(model, tokenizer, task, modules, all_tokens=True)
+    # Float32 products and decompositions (float64 sums and finish) against the float64-product
+    # reference: the projectors agree to about 1e-7, 2e-5 where eigenvalues nearly tie (a contrastive o_proj).
     for name in modules:
-        assert projector_diff(got.V[name], V[name]) < 1e-6
+        assert projector_diff(got.V[name], V[name]) < 1e-4
         U, _ = cal.top_directions(inputs[name].xtx / inputs[name].tokens - inputs_c[name].xtx / inputs_c[name].tokens, energy=0.9)
-        assert projector_diff(got.U[name], U) < 1e-6
+        assert projector_diff(got.U[name], U) < 1e-4
     assert got.response_tokens == resp[next(iter(modules))].tokens
     # q/k/v read one tensor, gate/up another: one accumulator each.
     assert {n.rsplit(".", 1)[1] for n in got.shared_inputs} == {"k_proj", "v_proj", "up_proj"}
@@ -56,7 +58,8 @@ def test_wide_modules_get_the_exact_top_directions_without_the_d_out_square_prob
     for rank, energy in ((5, None), (None, 0.8)):
         wide, share = cal.wide_output_directions(W, m, rank, energy)
         dense, share_dense = cal.top_directions(cal.output_second_moment(W, m), rank, energy)
-        assert wide.shape == dense.shape and projector_diff(wide, dense) < 1e-6 and share == pytest.approx(share_dense, rel=1e-9)
+        # float32 decompositions on both sides: exact to float32 precision
+        assert wide.shape == dense.shape and projector_diff(wide, dense) < 1e-5 and share == pytest.approx(share_dense, rel=1e-6)
 
 
 def test_calibrate_prints_its_memory_need_and_progress_then_refuses_what_does_not_fit(tiny_model_dir, chat_files, tmp_path, capsys,
