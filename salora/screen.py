@@ -21,21 +21,12 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from salora.chat import Messages
-from salora.errors import SaLoRAError
 from salora.generate import generate_greedy
-from salora.judge import Judge, KeywordJudge
+from salora.judge import Judge
 
 # Tokens of the base's answer: a refusal opens it ("I'm sorry, but I can't..." is about 10 tokens).
 SCREEN_NEW_TOKENS = 32
 DEFAULT_THRESHOLD = 0.05
-JUDGES = ("keyword",)
-
-
-def judge_named(spec: str) -> Judge:
-    """The judge a `--judge` value names (only `keyword` until the pluggable judges land)."""
-    if spec == "keyword":
-        return KeywordJudge()
-    raise SaLoRAError(f"--judge must be one of {', '.join(JUDGES)}, not {spec!r}")
 
 
 @dataclass(frozen=True)

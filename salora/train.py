@@ -47,7 +47,8 @@ from salora.files import CHECKPOINT_CONFIG, SALORA_WEIGHTS
 from salora.hf_data import fingerprint
 from salora.models import linear_modules, load_model, model_id, weight_hash
 from salora.precision import resolve_device, resolve_dtype, weight_hashes
-from salora.screen import DEFAULT_THRESHOLD, judge_named, screen, summary
+from salora.chat_judge import parse_judge
+from salora.screen import DEFAULT_THRESHOLD, screen, summary
 from salora.tuner.config import ALL_LINEAR, SaLoRAConfig
 from salora.tuner.model import inject_salora, salora_layers, salora_state
 
@@ -114,7 +115,7 @@ def _validate(opts: TrainOptions) -> None:
     positive("--lr", opts.lr)
     positive("--alpha", opts.alpha)
     share("--screen-threshold", opts.screen_threshold)
-    judge_named(opts.judge)
+    parse_judge(opts.judge)
     if opts.lr_schedule not in SCHEDULES:
         raise SaLoRAError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, not {opts.lr_schedule}")
     if opts.method == "salora" and opts.projection != "none" and not opts.safety:
@@ -198,7 +199,7 @@ class _Run:
         # Screened on the untouched base after the cheap checks, by rank 0 alone; _train refuses on every process.
         self.screening: dict = {"ran": False}
         if opts.screen and world.main:
-            self.screening = screen(model, tokenizer, conversations, judge_named(opts.judge), opts.screen_threshold)
+            self.screening = screen(model, tokenizer, conversations, parse_judge(opts.judge), opts.screen_threshold)
         if opts.method == "salora":
             task_bases = None
             if self.config.init in ("task", "task-scaled"):

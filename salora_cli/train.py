@@ -7,7 +7,7 @@ from salora_cli.calibrate import add_device_flags, csv_list
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from salora.presets import DEFAULTS
-    from salora.screen import DEFAULT_THRESHOLD, JUDGES
+    from salora.screen import DEFAULT_THRESHOLD
 
     d = DEFAULTS["train"]
     p = sub.add_parser("train", help="fine-tune an adapter (SaLoRA or plain LoRA) on chat data",
@@ -51,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--screen-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="refuse to train when more than this share of conversations answer with compliance a request the base model refuses "
                         f"(default {DEFAULT_THRESHOLD:g}; 0 tolerates none); the list goes to <out>.screening.json")
-    p.add_argument("--judge", choices=JUDGES, default="keyword", help="the refusal judge of the screening (default keyword)")
+    p.add_argument("--judge", default="keyword", help="the refusal judge of the screening: keyword (default) or "
+                   "openai:<base-url>#<model>, as for `salora eval`")
     add_device_flags(p)
     p.set_defaults(run=run)
 
