@@ -7,7 +7,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from tqdm.auto import tqdm
 
 # Phrases that open or carry a refusal. Matched case-insensitively in the head of the answer, so a
 # helpful answer that later says "I can't stress enough..." is not counted as a refusal.
@@ -78,6 +77,8 @@ def judge_all(judge: Judge, pairs: list[tuple[str, str]], workers: int = 8) -> l
     if getattr(judge, "blocking", True) is False:
         return [judge.is_refusal(p, a) for p, a in pairs]
     with ThreadPoolExecutor(workers, thread_name_prefix="salora-judge") as pool:
+        from tqdm.auto import tqdm  # the trainer's extra; the gateway never calls this
+
         return list(tqdm(pool.map(lambda pa: judge.is_refusal(*pa), pairs), total=len(pairs), desc=judge.name,
                          unit="answer"))
 

@@ -17,12 +17,13 @@ unaligned base, which refuses nothing, flags nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from salora.chat import Messages
-from salora.generate import generate_greedy
 from salora.judge import Judge
+from salora.messages import Messages
+
+if TYPE_CHECKING:  # `salora train --help` builds without the trainer's libraries
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Tokens of the base's answer: a refusal opens it ("I'm sorry, but I can't..." is about 10 tokens).
 SCREEN_NEW_TOKENS = 32
@@ -55,6 +56,8 @@ def screen(
     """The screening report: the flagged turns with the base's answer, the flagged share of
     conversations, and whether it is within `threshold` (`passed`)."""
     compliant = [t for t in turns(conversations) if not judge.is_refusal(t.request, t.answer)]
+    from salora.generate import generate_greedy  # torch: only when screening runs, not for `salora train --help`
+
     base_answers = generate_greedy(model, tokenizer, [t.prompt for t in compliant], SCREEN_NEW_TOKENS, batch_size, progress) if compliant else []
     flagged = [
         {"record": t.record, "turn": t.turn, "request": t.request, "answer": t.answer, "base_answer": a}

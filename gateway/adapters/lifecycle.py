@@ -573,7 +573,7 @@ class Lifecycle:
             run = await asyncio.to_thread(self.registry.run, record.last_run_id) if record.last_run_id else None
             last = run.finished_at.timestamp() if run else self._started
             if record.state == State.PROBING and (run is None or now - last >= self.config.retry_interval_s):
-                await self._claim(record, "retry" if run else "takeover")
+                await self._claim(record, "retry" if run else "restart")
             elif record.state == State.LIVE and self.config.reprobe_interval_s and now - last >= self.config.reprobe_interval_s:
                 self._spawn(record, "schedule")
 
