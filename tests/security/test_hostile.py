@@ -344,7 +344,8 @@ def test_oversized_headers_are_refused_before_parsing(gw, size):
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"request_header_fields_too_large" in answer
-    assert sent < size or size < (1 << 20)
+    # Loopback's socket buffers take a few MiB unread, so only the 64 MiB head shows the cut-off.
+    assert sent < size or size < (16 << 20)
     intact(gw)
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.engines.vllm import _rank
 from gateway.settings import Settings
 from tests.gateway.conftest import LiveGateway
 from tests.vllm.conftest import VLLMServer, start_vllm, vllm_metric, vllm_models
 from tests.vllm.test_gateway import sample
 
-NAME = "arith"
 PROMPT = "Write a short story about a lighthouse keeper."
 DONE = "vllm:request_success_total"
 
@@ -33,14 +33,21 @@ def secondary(vllm_up: VLLMServer, embedded_dir: Path, tmp_path_factory: pytest.
 
 
 @pytest.fixture(scope="module")
-def gateway(serve_app, vllm_up: VLLMServer, secondary: VLLMServer, salora_adapter: Path,
+def name(vllm_up: VLLMServer, secondary: VLLMServer) -> str:
+    """An adapter name whose home, by the gateway's rendezvous hashing, is the secondary replica, so
+    that killing its holder leaves the session's primary server running (the ports, and so the
+    home of any one name, change from run to run)."""
+    return next(n for n in (f"arith{i}" for i in range(64)) if _rank(n, secondary.url) < _rank(n, vllm_up.url))
+
+
+@pytest.fixture(scope="module")
+def gateway(serve_app, vllm_up: VLLMServer, secondary: VLLMServer, salora_adapter: Path, name: str,
             tmp_path_factory: pytest.TempPathFactory) -> LiveGateway:
-    """The secondary replica is listed first: with both empty, the adapter goes there, so killing its
-    holder leaves the session's primary server running. No health checks run during the test: the
-    request that meets the dead replica finds out by itself."""
+    """No health checks run during the test: the request that meets the dead replica finds out by
+    itself."""
     state = tmp_path_factory.mktemp("vllm-replicas")
     (state / "shared").mkdir()
-    settings = Settings(model="embedded", engine="vllm", state_dir=state, adapters={NAME: salora_adapter},
+    settings = Settings(model="embedded", engine="vllm", state_dir=state, adapters={name: salora_adapter},
                         vllm={"urls": [secondary.url, vllm_up.url], "adapter_dir": state / "shared",
                               "health_interval_s": 3600})
     gw = serve_app(settings)
@@ -49,11 +56,11 @@ def gateway(serve_app, vllm_up: VLLMServer, secondary: VLLMServer, salora_adapte
 
 
 def test_requests_go_to_the_replica_holding_their_adapter(gateway: LiveGateway, vllm_up: VLLMServer,
-                                                          secondary: VLLMServer) -> None:
-    assert NAME in vllm_models(secondary) and NAME not in vllm_models(vllm_up)
+                                                          secondary: VLLMServer, name: str) -> None:
+    assert name in vllm_models(secondary) and name not in vllm_models(vllm_up)
     before = {s.url: vllm_metric(s, DONE) for s in (secondary, vllm_up)}
     for _ in range(3):
-        assert gateway.chat("none", NAME, PROMPT, max_tokens=4).choices[0].message.content
+        assert gateway.chat("none", name, PROMPT, max_tokens=4).choices[0].message.content
     after = {s.url: vllm_metric(s, DONE) for s in (secondary, vllm_up)}
     assert after[secondary.url] - before[secondary.url] == 3 and after[vllm_up.url] == before[vllm_up.url]
 
@@ -71,13 +78,13 @@ def unread_bytes(url: str) -> int:
 
 
 def test_killing_the_holder_mid_request_fails_over(gateway: LiveGateway, vllm_up: VLLMServer,
-                                                   secondary: VLLMServer) -> None:
+                                                   secondary: VLLMServer, name: str) -> None:
     """The holder is frozen first, so the request is certainly on it, sent and unanswered, when it
     is killed (catching it while generating raced a fast answer on CI)."""
-    expected = gateway.chat("none", NAME, PROMPT, max_tokens=48).choices[0].message.content
+    expected = gateway.chat("none", name, PROMPT, max_tokens=48).choices[0].message.content
     secondary.freeze()
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(gateway.chat, "none", NAME, PROMPT, max_tokens=48)
+        running = pool.submit(gateway.chat, "none", name, PROMPT, max_tokens=48)
         deadline = time.monotonic() + 60
         while unread_bytes(secondary.url) == 0:
             assert time.monotonic() < deadline and not running.done()
@@ -87,8 +94,8 @@ def test_killing_the_holder_mid_request_fails_over(gateway: LiveGateway, vllm_up
     assert answer == expected  # answered again, from the start, by the other replica
     assert sample(gateway, "salora_engine_errors_total", engine="vllm", kind="retry") >= 1
     assert sample(gateway, "salora_engine_errors_total", engine="vllm", kind="replica_down") == 1
-    assert NAME in vllm_models(vllm_up)
+    assert name in vllm_models(vllm_up)
     stream = gateway.client("none").chat.completions.create(
-        model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=48, temperature=0, stream=True)
+        model=name, messages=[{"role": "user", "content": PROMPT}], max_tokens=48, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
     assert gateway.chat("none", gateway.ctx.engine.model_id, PROMPT, max_tokens=4).choices[0].message.content
