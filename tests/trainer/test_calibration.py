@@ -108,15 +108,18 @@ def _llama(out: Path, tokenizer, layers: int) -> int:
 
 def test_peak_memory_grows_with_the_weights_not_with_layers(smollm_tokenizer, chat_files, tmp_path):
     """A 6-layer model (hidden 1024) against a 2-layer one: the peak (the process's VmHWM) grows by no
-    more than 1.5x the extra weights. The former all-modules-at-once, two-pass accumulation held about
+    more than 1.25x the extra weights (1.03x measured). The former all-modules-at-once, two-pass accumulation held about
     226 MB of float64 moments per layer here, over 4x the 51 MB of a layer's weights."""
     peaks, weights = {}, {}
     for layers in (2, 6):
         weights[layers] = _llama(tmp_path / f"m{layers}", smollm_tokenizer, layers)
         code = PROBE.format(root=str(ROOT), model=str(tmp_path / f"m{layers}"), data=str(chat_files["safety"]), out=str(tmp_path / f"s{layers}"))
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # A fixed mmap threshold: glibc's default one moves with what was freed, so the heap's
+        # high-water mark (and VmHWM) varied by 150 MB from run to run of the same calibration.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[layers] = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
     extra_weights = weights[6] - weights[2]
     assert extra_weights > 200e6
-    assert peaks[6] - peaks[2] <= 1.5 * extra_weights, (peaks, extra_weights)
+    assert peaks[6] - peaks[2] <= 1.25 * extra_weights, (peaks, extra_weights)
