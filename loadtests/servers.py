@@ -1,5 +1,6 @@
-"""Real PostgreSQL and Redis servers on free loopback ports in temporary folders, for the replica tests and
-the replica benchmark (Debian's packages, installed by `make test-deps`)."""
+"""Real PostgreSQL, Redis and vLLM servers on free loopback ports in temporary folders, for the tests
+and benchmarks that need them: PostgreSQL and Redis from Debian's packages (installed by `make
+test-deps`), vLLM from its own venv (`make vllm-venv`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
 import redis
 
@@ -99,3 +101,58 @@ class Redis:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+@dataclass
+class VLLMServer:
+    """A real `vllm.entrypoints.openai.api_server` process (and its engine children, in their own
+    process group) on a free port."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    @classmethod
+    def start(cls, python: Path, model_dir: Path, served_name: str, log: Path, *, max_loras: int = 4,
+              lora: bool = True, dtype: str = "float32", max_model_len: int = 2048) -> VLLMServer:
+        """Start (not wait for) a CPU vLLM server; runtime adapter loading is allowed."""
+        port = free_port()
+        argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                "--served-model-name", served_name, "--dtype", dtype, "--max-model-len", str(max_model_len),
+                "--host", "127.0.0.1", "--port", str(port)]
+        if lora:
+            argv += ["--enable-lora", "--max-lora-rank", "64", "--max-loras", str(max_loras)]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        with log.open("wb") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return cls(process, f"http://127.0.0.1:{port}", log)
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"vLLM exited; log tail:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"vLLM not ready in {timeout} s; log tail:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    def freeze(self) -> None:
+        """SIGSTOP the server's process group: it keeps its sockets but answers nothing (a hung replica)."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group at once (a crashed replica)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()

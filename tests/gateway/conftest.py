@@ -77,6 +77,8 @@ class LiveGateway:
         return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
 
     def admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        """httpx's 5 s default timed out a first tenant write on a loaded 2-core machine: 30 s here."""
+        kwargs.setdefault("timeout", 30)
         return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, **kwargs)
 
     def chat(self, key: str, model: str, prompt: str, **kwargs: object) -> ChatCompletion:
