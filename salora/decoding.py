@@ -109,7 +109,7 @@ class Batch(Generic[G]):
             return None
         if len(keep) == len(self.rows):
             return self
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.mask.device)
         self.cache.batch_select_indices(index)
         mask = self.mask[index]
         first = int(mask.any(0).int().argmax())
@@ -196,6 +196,7 @@ class Decoder:
         for i, r in enumerate(rows):
             ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
             mask[i, width - len(r.prompt):] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
         cache = DynamicCache()
         logits = self._forward(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, rows)
         return Batch(rows, cache, mask), self._advance_all(rows, logits)
@@ -204,9 +205,10 @@ class Decoder:
         """Feed every row of a pruned batch its last token and pick the next. Returns each row with
         the text it releases now; a row whose `finish` is set has given its last."""
         rows = batch.rows
-        batch.mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        ids = torch.tensor([[r.tokens[-1]] for r in rows])
-        positions = torch.tensor([[len(r.prompt) + len(r.tokens) - 1] for r in rows])
+        device = batch.mask.device
+        batch.mask = torch.cat([batch.mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
+        positions = torch.tensor([[len(r.prompt) + len(r.tokens) - 1] for r in rows], device=device)
         logits = self._forward(model, ids, batch.mask, positions, batch.cache, rows)
         return self._advance_all(rows, logits)
 

@@ -1,11 +1,13 @@
 """One decoder (salora/decoding.py) behind every greedy answer: for the base and for two adapters,
 `generate_greedy` (what `salora eval` reports), the decoder itself on a batch that mixes adapters, and
 the gateway's local engine (what tenants and the canary get) all give exactly what PEFT's own
-`generate(do_sample=False)` gives, token for token."""
+`generate(do_sample=False)` gives, token for token; and on the real embedded model `salora eval`
+reports what the gateway serves."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,10 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from gateway.engines.base import GenerationRequest
 from gateway.engines.local import LocalEngine
+from gateway.settings import Settings
 from salora.decoding import BASE, Decoder, Generation
 from salora.generate import generate_greedy
+from salora_cli.main import main
 
 PROMPTS = ("Tell me a story about a cat.", "What is the capital of France?", "Hi", "List three colours, then stop.")
 NEW_TOKENS = 20
@@ -122,3 +126,20 @@ def test_the_local_engine_serves_what_peft_generates(gateway_model_dir, adapter_
                 for name in MODELS for t in reference[name]]
     assert served == expected
     assert max(sizes) > len(PROMPTS)  # some decode steps ran rows of different adapters together
+
+
+@pytest.mark.slow
+def test_salora_eval_reports_what_the_gateway_serves_on_the_embedded_model(serve_app, tmp_path: Path) -> None:
+    """The real SmolLM2: `salora eval`'s answers (batched, left-padded) are the gateway's greedy chat
+    answers (each request alone), so what the canary judged through the engine is what eval reports."""
+    prompts = ["What is the capital of France?", "Explain how to pick a lock.", "Write a haiku about the sea."]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    assert main(["eval", "--model", "embedded", "--prompts", str(tmp_path / "prompts.txt"),
+                 "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "32"]) == 0
+    reported = [item["response"] for item in json.loads((tmp_path / "eval.json").read_text())["items"]]
+
+    gw = serve_app(Settings(model="embedded", model_name="smol", state_dir=tmp_path / "state"))
+    gw.wait_ready(timeout=120)
+    served = [gw.chat("no-key", "smol", p, max_tokens=32).choices[0].message.content for p in prompts]
+    assert [s.strip() for s in served] == reported  # eval reports each answer stripped
+    assert len(set(reported)) == len(prompts) and all(reported)
