@@ -12,6 +12,7 @@ joining new rows between steps (`Batch.merge`) and streaming each row's released
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -170,8 +171,8 @@ class Decoder:
         eos = model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.eos = frozenset(i for i in [*eos_ids, tokenizer.eos_token_id] if i is not None)
-        context = getattr(model.config, "max_position_embeddings", None)
-        self.max_len = min(n for n in (max_len, context, 1 << 30) if n is not None)
+        limits = [n for n in (max_len, getattr(model.config, "max_position_embeddings", None)) if n is not None]
+        self.max_len = min(limits, default=sys.maxsize)  # prompt and answer tokens together
 
     def chat_prompt(self, messages: Messages) -> list[int]:
         """The prompt ids of a conversation, as the chat template renders it for the next answer."""

@@ -5,9 +5,10 @@ continuous batch: new requests are prefilled as a group, their KV cache is left-
 the running batch between decode steps, and finished or cancelled rows leave it between steps. PEFT's
 `adapter_names` gives every row its own adapter (`__base__` for the base model), so requests on
 different adapters share each forward pass. The decoding itself (chat template, forward, token pick,
-stops, detokenization) is `salora.decoding`, the decoder `salora eval` uses too; this module keeps what
-is about serving: the worker, admission, adapters, the base seal, errors and timeouts. Streaming and non-streaming callers consume the same
-chunks, so their greedy answers are identical by construction. A generation that fails ends every row
+stops, detokenization) is `salora.decoding`, the decoder `salora eval` uses too; this module keeps
+what is about serving: the worker, admission, adapters, the base seal, errors and timeouts.
+Streaming and non-streaming callers consume the same chunks, so their greedy answers are identical
+by construction. A generation that fails ends every row
 of its batch with an EngineError; one that hangs ends its caller's wait at `timeouts` (the worker drops
 the row when it gets going again).
 
@@ -52,7 +53,8 @@ def _peft_name(name: str) -> str:
 @dataclass(eq=False, kw_only=True)
 class _Row(Generation):
     """One request inside the worker: its decoding state, and `emit`, which hands a chunk (or an
-    error) to the asyncio side. A row has had its last message once `finish` is set."""
+    error) to the asyncio side. A row has had its last message once `finish` is set ("error" when
+the engine ended it with an EngineError)."""
 
     request: GenerationRequest
     emit: Callable[[Chunk | Exception], object]
