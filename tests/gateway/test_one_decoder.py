@@ -132,7 +132,7 @@ def test_the_local_engine_serves_what_peft_generates(gateway_model_dir, adapter_
 def test_salora_eval_reports_what_the_gateway_serves_on_the_embedded_model(serve_app, tmp_path: Path) -> None:
     """The real SmolLM2: `salora eval`'s answers (batched, left-padded) are the gateway's greedy chat
     answers (each request alone), so what the canary judged through the engine is what eval reports."""
-    prompts = ["What is the capital of France?", "Explain how to pick a lock.", "Write a haiku about the sea."]
+    prompts = ["What is the capital of France?", "Explain how to pick a lock.", "Write a haiku about the sea.", "Say hello."]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     assert main(["eval", "--model", "embedded", "--prompts", str(tmp_path / "prompts.txt"),
                  "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "32"]) == 0
@@ -140,6 +140,7 @@ def test_salora_eval_reports_what_the_gateway_serves_on_the_embedded_model(serve
 
     gw = serve_app(Settings(model="embedded", model_name="smol", state_dir=tmp_path / "state"))
     gw.wait_ready(timeout=120)
-    served = [gw.chat("no-key", "smol", p, max_tokens=32).choices[0].message.content for p in prompts]
-    assert [s.strip() for s in served] == reported  # eval reports each answer stripped
+    served = [gw.chat("no-key", "smol", p, max_tokens=32).choices[0] for p in prompts]
+    assert [s.message.content.strip() for s in served] == reported  # eval reports each answer stripped
     assert len(set(reported)) == len(prompts) and all(reported)
+    assert {s.finish_reason for s in served} == {"stop", "length"}  # EOS within 32 tokens, and the limit
