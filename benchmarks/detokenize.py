@@ -1,5 +1,5 @@
 """Per-token cost of turning the local engine's answer tokens into text, at answer lengths from 256
-to 2,048 tokens: the incremental detokenizer the engine uses (gateway/engines/detokenize.py, a short
+to 2,048 tokens: the incremental detokenizer the engine uses (salora/detokenize.py, a short
 window per token) side by side with decoding the whole answer again for every token (what the engine
 did before). On the embedded model's tokenizer (SmolLM2-135M-Instruct), a token stream encoded from
 a text of this file's own, as long as needed.
@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from gateway.engines.detokenize import Detokenized
+from salora.detokenize import Detokenized
 from salora.modeldir import EMBEDDED, resolve_model_dir
 
 PARAGRAPH = ("The gateway streams each answer as it is generated. Größere Antworten kosten mehr: 東京から大阪まで "

@@ -1,4 +1,6 @@
-"""Batched greedy generation for evaluation, calibration (`--generate-responses`) and probes."""
+"""Batched greedy generation for evaluation, calibration (`--generate-responses`) and probes, through
+the decoder the gateway serves with (`salora.decoding`), so an answer reported here is the answer a
+tenant or the canary gets for the same prompt."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from salora.chat import Messages
+from salora.decoding import NONFINITE, Decoder, Generation
+from salora.errors import SaLoRAError
 
 
 @torch.inference_mode()
@@ -18,25 +22,24 @@ def generate_greedy(
     batch_size: int = 16,
     progress: str | None = None,
 ) -> list[str]:
-    """Greedy answers to chat prompts, left-padded in batches of similar length."""
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    answers: list[str] = [""] * len(texts)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
-            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for row, i in enumerate(batch):
-                answers[i] = tokenizer.decode(out[row, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    finally:
-        tokenizer.padding_side = padding_side
-    return answers
+    """Greedy answers to chat prompts (stripped of surrounding whitespace), in left-padded batches of
+    similar length. A PeftModel answers with its active adapter."""
+    decoder = Decoder(model, tokenizer)
+    rows = []
+    for p in prompts:
+        prompt = decoder.chat_prompt(p)
+        rows.append(Generation(prompt, decoder.limit(prompt, max_new_tokens)))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+        _complete(decoder, model, [rows[i] for i in batch])
+    return [r.text.strip() for r in rows]
+
+
+def _complete(decoder: Decoder, model: PreTrainedModel, rows: list[Generation]) -> None:
+    """Decode one batch until every row has finished."""
+    running, _ = decoder.prefill(model, rows)
+    while (running := running.pruned()) is not None:
+        decoder.step(model, running)
+    if any(r.finish == NONFINITE for r in rows):
+        raise SaLoRAError("the model's scores were not finite numbers (overflowing weights?): no answer to report")

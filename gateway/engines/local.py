@@ -4,8 +4,11 @@ One worker thread owns the model (concurrent forwards on one module are not safe
 continuous batch: new requests are prefilled as a group, their KV cache is left-padded and joined to
 the running batch between decode steps, and finished or cancelled rows leave it between steps. PEFT's
 `adapter_names` gives every row its own adapter (`__base__` for the base model), so requests on
-different adapters share each forward pass. Streaming and non-streaming callers consume the same
-chunks, so their greedy answers are identical by construction. A generation that fails ends every row
+different adapters share each forward pass. The decoding itself (chat template, forward, token pick,
+stops, detokenization) is `salora.decoding`, the decoder `salora eval` uses too; this module keeps
+what is about serving: the worker, admission, adapters, the base seal, errors and timeouts.
+Streaming and non-streaming callers consume the same chunks, so their greedy answers are identical
+by construction. A generation that fails ends every row
 of its batch with an EngineError; one that hangs ends its caller's wait at `timeouts` (the worker drops
 the row when it gets going again).
 
@@ -24,22 +27,20 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
-from gateway.engines.detokenize import Detokenized
 from gateway.settings import Timeouts
+from salora.decoding import BASE, NONFINITE, Batch, ContextFull, Decoder, Generation
 from salora.models import load_model
 
 log = logging.getLogger(__name__)
-BASE = "__base__"  # PEFT's name for "no adapter" in `adapter_names`
 
 
 def _peft_name(name: str) -> str:
@@ -49,24 +50,19 @@ def _peft_name(name: str) -> str:
     return "adapter_" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
-@dataclass(eq=False)
-class _Row:
-    """One request inside the worker. `emit` hands a chunk (or an error) to the asyncio side."""
+@dataclass(eq=False, kw_only=True)
+class _Row(Generation):
+    """One request inside the worker: its decoding state, and `emit`, which hands a chunk (or an
+    error) to the asyncio side. A row has had its last message once `finish` is set ("error" when
+the engine ended it with an EngineError)."""
 
     request: GenerationRequest
     emit: Callable[[Chunk | Exception], object]
     cancelled: bool = False  # set by the asyncio side when the client is gone
-    done: bool = False
-    prompt: list[int] = field(default_factory=list)
-    answer: Detokenized = field(default_factory=Detokenized)  # its tokens and their text, decoded incrementally
-    sent: int = 0  # characters of the answer already emitted
-    limit: int = 0  # completion tokens allowed (max_tokens, capped by the context)
-    peft: str = BASE  # the adapter's name inside PEFT
-    generator: torch.Generator | None = None
 
     @property
-    def tokens(self) -> list[int]:
-        return self.answer.tokens
+    def active(self) -> bool:
+        return self.finish is None and not self.cancelled
 
     def send(self, item: Chunk | Exception) -> None:
         try:
@@ -80,23 +76,11 @@ class _BaseChanged(Exception):
 
 
 @dataclass(eq=False)
-class _Batch:
-    rows: list[_Row]
-    cache: DynamicCache
-    mask: torch.Tensor  # (rows, cached positions): 1 for real tokens, 0 for left padding
-
-
-@dataclass(eq=False)
 class _Op:
     """Work on the model itself (adapter load/unload), run by the worker between steps."""
 
     fn: Callable[[], None]
     future: concurrent.futures.Future
-
-
-def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Pad the sequence dimension (-2 of a KV tensor) on the left with n zeros."""
-    return F.pad(x, (0, 0, n, 0)) if n else x
 
 
 class _BaseSeal:
@@ -126,16 +110,6 @@ class _BaseSeal:
         return sorted(n for n in self._seal.keys() | now.keys() if self._seal.get(n) != now.get(n))
 
 
-def _held_back(text: str, sent: int, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of text[sent:] that could still grow into a stop string."""
-    longest = max(map(len, stops), default=0)
-    for k in range(min(longest - 1, len(text) - sent), 0, -1):
-        tail = text[-k:]
-        if any(s.startswith(tail) for s in stops):
-            return k
-    return 0
-
-
 class LocalEngine:
     """transformers + PEFT in this process; `model` is a model directory or `embedded`."""
 
@@ -158,14 +132,13 @@ class LocalEngine:
         self._spec = model
         self._initial_adapters = dict(adapters or {})
         self._max_batch = max_batch_size
-        self._max_len = max_model_len
+        self._max_model_len = max_model_len
         self._on_batch = on_batch
         self._adapters: frozenset[str] = frozenset()
         self._inbox: queue.SimpleQueue[_Row | _Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._model: PreTrainedModel | PeftModel
-        self._tokenizer: PreTrainedTokenizerBase
-        self._eos: frozenset[int] = frozenset()
+        self._decoder: Decoder
         self._seal: _BaseSeal | None = None
 
     @property
@@ -196,7 +169,7 @@ class LocalEngine:
             raise EngineError(self.error or "the engine is still loading")
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Chunk | Exception] = asyncio.Queue()
-        row = _Row(request, partial(loop.call_soon_threadsafe, chunks.put_nowait))
+        row = _Row(request=request, emit=partial(loop.call_soon_threadsafe, chunks.put_nowait))
         self._inbox.put(row)
         total = self._timeouts.total_s
         expiry = loop.call_later(total, chunks.put_nowait, EngineError(
@@ -235,11 +208,8 @@ class LocalEngine:
     # --- worker thread -------------------------------------------------------------------------
 
     def _load(self) -> None:
-        self._model, self._tokenizer = load_model(self._spec)
-        eos = self._model.generation_config.eos_token_id
-        eos_ids = eos if isinstance(eos, list) else [eos]
-        self._eos = frozenset(i for i in [*eos_ids, self._tokenizer.eos_token_id] if i is not None)
-        self._max_len = min(self._max_len, getattr(self._model.config, "max_position_embeddings", self._max_len))
+        self._model, tokenizer = load_model(self._spec)
+        self._decoder = Decoder(self._model, tokenizer, self._max_model_len)
         self._seal = _BaseSeal(self._model)
         for name, path in self._initial_adapters.items():
             self._load_adapter(name, Path(path))
@@ -284,7 +254,7 @@ class LocalEngine:
         self._adapters = self._adapters - {name}
 
     def _work(self) -> None:
-        batch: _Batch | None = None
+        batch: Batch[_Row] | None = None
         while True:
             items = [self._inbox.get()] if batch is None else []
             room = self._max_batch - (len(batch.rows) if batch else 0)
@@ -326,11 +296,11 @@ class LocalEngine:
     @staticmethod
     def _fail(rows: list[_Row], error: Exception) -> None:
         for row in rows:
-            if not row.done:
-                row.done = True
+            if row.finish is None:
+                row.finish = "error"
                 row.send(error)
 
-    def _run_op(self, op: _Op, batch: _Batch | None) -> bool:
+    def _run_op(self, op: _Op, batch: Batch[_Row] | None) -> bool:
         """Run an adapter operation between steps; False when the engine must stop (the base changed)."""
         try:
             op.fn()
@@ -354,155 +324,52 @@ class LocalEngine:
         if request.adapter is not None and request.adapter not in self._adapters:
             row.send(EngineError(f"adapter {request.adapter!r} is not loaded"))
             return False
-        if request.adapter is not None:
-            row.peft = _peft_name(request.adapter)
+        row.adapter = BASE if request.adapter is None else _peft_name(request.adapter)
         try:
             if request.prompt is not None:  # the legacy completions API: the text as it is, as vLLM takes it
-                row.prompt = self._tokenizer.encode(request.prompt)
+                row.prompt = self._decoder.text_prompt(request.prompt)
             else:
-                row.prompt = self._tokenizer.apply_chat_template(
-                    request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
+                row.prompt = self._decoder.chat_prompt(request.messages)
         except Exception as e:  # a template that rejects this conversation (e.g. role order)
             row.send(RequestRejected(f"cannot apply the chat template: {e}", param="messages"))
             return False
-        room = self._max_len - len(row.prompt)
-        if room < 1:
-            row.send(RequestRejected(
-                f"the prompt has {len(row.prompt)} tokens; this model's context is {self._max_len} tokens",
-                code="context_length_exceeded", param="messages"))
+        try:
+            row.limit = self._decoder.limit(row.prompt, request.max_tokens)
+        except ContextFull as e:
+            row.send(RequestRejected(str(e), code="context_length_exceeded", param="messages"))
             return False
-        row.limit = min(request.max_tokens, room)
-        if request.temperature > 0:
-            row.generator = torch.Generator()
-            if request.seed is None:
-                row.generator.seed()
-            else:
-                row.generator.manual_seed(request.seed)
+        row.stops = request.stop
+        row.sample(request.temperature, request.top_p, request.seed)
         return True
 
-    def _admit(self, batch: _Batch | None, rows: list[_Row]) -> _Batch | None:
+    def _admit(self, batch: Batch[_Row] | None, rows: list[_Row]) -> Batch[_Row] | None:
         """Prefill new rows as one left-padded group and join them to the running batch."""
         rows = [r for r in rows if self._prepare(r)]
         if not rows:
             return batch
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self._tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt):] = 1
-        cache = DynamicCache()
-        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, rows)
-        self._advance_all(rows, logits)
-        new = _Batch(rows, cache, mask)
-        return new if batch is None else self._merge(batch, new)
+        new, released = self._decoder.prefill(self._model, rows)
+        self._emit(released)
+        return new if batch is None else batch.merge(new)
 
-    @staticmethod
-    def _merge(a: _Batch, b: _Batch) -> _Batch:
-        """Concatenate two batches, left-padding the shorter KV cache so positions line up at the right."""
-        ta, tb = a.mask.shape[1], b.mask.shape[1]
-        width = max(ta, tb)
-        for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
-            la.keys = torch.cat([_left_pad(la.keys, width - ta), _left_pad(lb.keys, width - tb)])
-            la.values = torch.cat([_left_pad(la.values, width - ta), _left_pad(lb.values, width - tb)])
-        mask = torch.cat([F.pad(a.mask, (width - ta, 0)), F.pad(b.mask, (width - tb, 0))])
-        return _Batch(a.rows + b.rows, a.cache, mask)
-
-    @staticmethod
-    def _prune(batch: _Batch) -> _Batch | None:
-        """Drop finished and cancelled rows, then the padding columns no remaining row needs."""
-        keep = [i for i, r in enumerate(batch.rows) if not (r.done or r.cancelled)]
-        if not keep:
-            return None
-        if len(keep) == len(batch.rows):
-            return batch
-        index = torch.tensor(keep)
-        batch.cache.batch_select_indices(index)
-        mask = batch.mask[index]
-        first = int(mask.any(0).int().argmax())
-        if first:
-            for layer in batch.cache.layers:
-                layer.keys = layer.keys[..., first:, :]
-                layer.values = layer.values[..., first:, :]
-            mask = mask[:, first:]
-        return _Batch([batch.rows[i] for i in keep], batch.cache, mask)
-
-    def _step(self, batch: _Batch) -> _Batch | None:
-        """Feed every row its last token and pick the next."""
-        pruned = self._prune(batch)
+    def _step(self, batch: Batch[_Row]) -> Batch[_Row] | None:
+        """Drop the rows that are done or cancelled, then one decode step for the rest."""
+        pruned = batch.pruned()
         if pruned is None:
             return None
-        rows = pruned.rows
         if self._on_batch is not None:
-            self._on_batch(len(rows))
-        pruned.mask = torch.cat([pruned.mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        ids = torch.tensor([[r.tokens[-1]] for r in rows])
-        positions = torch.tensor([[len(r.prompt) + len(r.tokens) - 1] for r in rows])
-        logits = self._forward(ids, pruned.mask, positions, pruned.cache, rows)
-        self._advance_all(rows, logits)
+            self._on_batch(len(pruned.rows))
+        self._emit(self._decoder.step(self._model, pruned))
         return pruned
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: DynamicCache, rows: list[_Row]) -> torch.Tensor:
-        extra = {"adapter_names": [r.peft for r in rows]} if isinstance(self._model, PeftModel) else {}
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                          use_cache=True, logits_to_keep=1, **extra)
-        return out.logits[:, -1, :].float()
-
-    def _advance_all(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick and append each row's next token. A row whose scores are not finite (an adapter's
-        weights overflowing, say) ends alone with an error; the other rows of the batch go on."""
-        finite = torch.isfinite(logits).all(-1).tolist()
-        for row, ok, token in zip(rows, finite, self._pick(logits, rows, finite)):
-            if ok:
-                self._advance(row, token)
-            else:
-                row.done = True
+    @staticmethod
+    def _emit(released: list[tuple[_Row, str]]) -> None:
+        """Send each row the text its last token released; a finished row its last chunk, with usage,
+        and a row whose scores were not finite its error (its batch mates go on)."""
+        for row, text in released:
+            if row.finish == NONFINITE:
                 row.send(EngineError("the model's scores for this request were not finite numbers; nothing was "
                                      "generated past that point", kind="numerical"))
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, rows: list[_Row], finite: list[bool]) -> list[int]:
-        """Next token per row: greedy at temperature 0, else temperature + nucleus sampling from the
-        row's own seeded generator (so a seed reproduces regardless of who shares the batch). Rows
-        with non-finite scores get a placeholder the caller discards."""
-        greedy = logits.argmax(-1).tolist()
-        picks = []
-        for i, row in enumerate(rows):
-            request = row.request
-            if request.temperature == 0 or not finite[i]:
-                picks.append(greedy[i])
-                continue
-            probs = torch.softmax(logits[i] / request.temperature, dim=-1)
-            if request.top_p < 1:
-                probs, order = probs.sort(descending=True)
-                probs[probs.cumsum(0) - probs > request.top_p] = 0
-                picks.append(int(order[torch.multinomial(probs, 1, generator=row.generator)]))
-            else:
-                picks.append(int(torch.multinomial(probs, 1, generator=row.generator)))
-        return picks
-
-    def _advance(self, row: _Row, token: int) -> None:
-        """Append a token, emit whatever text is now final, and decide whether the row is done.
-        Text that may still change is held back: an incomplete UTF-8 character (the detokenizer keeps
-        it until the last token) and a tail that could be the start of a stop string."""
-        stops = row.request.stop
-        eos = token in self._eos
-        row.answer.add(self._tokenizer, token, final=eos or len(row.tokens) + 1 >= row.limit)
-        text = row.answer.text
-        end = len(text)
-        finish = "stop" if eos else None
-        hits = [i for i in (text.find(s, row.sent) for s in stops) if i >= 0]
-        if hits:
-            finish, end = "stop", min(hits)
-        elif finish is None and len(row.tokens) >= row.limit:
-            finish = "length"
-        if finish is None:
-            end -= _held_back(text, row.sent, stops)
-        if finish is not None:
-            row.done = True
-            row.send(Chunk(text[row.sent:end], finish, len(row.prompt), len(row.tokens)))
-        elif end > row.sent:
-            row.send(Chunk(text[row.sent:end]))
-            row.sent = end
+            elif row.finish is not None:
+                row.send(Chunk(text, row.finish, len(row.prompt), len(row.tokens)))
+            elif text:
+                row.send(Chunk(text))

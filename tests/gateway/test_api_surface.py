@@ -121,7 +121,7 @@ def test_legacy_completions_stream_and_not(gw, keys):
     assert plain.object == "text_completion" and plain.id.startswith("cmpl-")
     assert plain.choices[0].text == streamed and plain.choices[0].finish_reason == "length"
     assert chunks[-1].usage == plain.usage and plain.usage.completion_tokens == 6
-    tokenizer = gw.ctx.engine._tokenizer
+    tokenizer = gw.ctx.engine._decoder.tokenizer
     assert plain.usage.prompt_tokens == len(tokenizer.encode("Once upon a time"))  # no chat template around it
     chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Once upon a time"}],
                                           max_tokens=6, temperature=0)

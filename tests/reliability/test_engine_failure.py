@@ -212,7 +212,7 @@ def local_gw(tmp_path: Path, gateway_model_dir: Path):  # noqa: F811
 
 def test_local_generation_that_raises_gives_503_and_error_event(local_gw) -> None:
     engine = local_gw.ctx.engine
-    forward, calls = engine._forward, {"made": 0, "fail_after": 6}
+    forward, calls = engine._decoder._forward, {"made": 0, "fail_after": 6}
 
     def failing(*args: Any) -> Any:
         calls["made"] += 1
@@ -220,31 +220,31 @@ def test_local_generation_that_raises_gives_503_and_error_event(local_gw) -> Non
             raise RuntimeError("injected fault")
         return forward(*args)
 
-    engine._forward = failing
+    engine._decoder._forward = failing
     events, done, _ = read_stream(local_gw.url, max_tokens=20, temperature=0)  # fails after 5 tokens
     assert not done and text_of(events) and "injected fault" in events[-1]["error"]["message"]
     calls.update(made=0, fail_after=0)  # the prefill fails: nothing was sent yet
     error = assert_openai_error(chat(local_gw.url, max_tokens=20))
     assert "generation failed: injected fault" in error["message"]
-    engine._forward = forward
+    engine._decoder._forward = forward
     assert chat(local_gw.url, max_tokens=4).status_code == 200  # the engine goes on serving
 
 
 def test_local_engine_that_hangs_gives_a_timely_503(local_gw) -> None:
     engine = local_gw.ctx.engine
-    forward, release = engine._forward, threading.Event()
+    forward, release = engine._decoder._forward, threading.Event()
 
     def hanging(*args: Any) -> Any:
         release.wait(timeout=30)
         return forward(*args)
 
-    engine._forward = hanging
+    engine._decoder._forward = hanging
     try:
         started = time.monotonic()
         error = assert_openai_error(chat(local_gw.url, max_tokens=4, stream=True))
         assert time.monotonic() - started < 2.5 and "first_token_s" in error["message"]
     finally:
-        engine._forward = forward
+        engine._decoder._forward = forward
         release.set()
     assert chat(local_gw.url, max_tokens=4).status_code == 200
 

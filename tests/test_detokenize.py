@@ -1,4 +1,4 @@
-"""Incremental detokenization (gateway/engines/detokenize.py) gives the text of decoding the whole
+"""Incremental detokenization (salora/detokenize.py) gives the text of decoding the whole
 answer, token by token, on the real SmolLM2 tokenizer: multi-byte characters split across byte
 tokens, special tokens, leading spaces."""
 
@@ -9,7 +9,7 @@ import random
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from gateway.engines.detokenize import Detokenized
+from salora.detokenize import Detokenized
 
 TEXT = ("Grüße aus Zürich! 東京の天気は晴れです。 Ça coûte 12 € — naïve café. 🙂🚀 Emoji and\n"
         "    indented code: def f(x): return x ** 2  # done\n<|im_end|>\nMore text after a special token.")
