@@ -13,7 +13,6 @@ import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 
