@@ -11,16 +11,26 @@ from gateway.errors import APIError, invalid_api_key
 from gateway.tenants import ANONYMOUS, Tenant, hash_key
 
 
-def bearer_key(request: Request) -> str | None:
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+def bearer(authorization: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header's value (None: no bearer key)."""
+    scheme, _, key = authorization.partition(" ")
     return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def bearer_key(request: Request) -> str | None:
+    return bearer(request.headers.get("authorization", ""))
 
 
 def authenticate(ctx: Context, request: Request) -> Tenant:
     """The calling tenant; 401 unless the key belongs to one (any caller when running open)."""
+    return authenticate_bearer(ctx, request.headers.get("authorization", ""))
+
+
+def authenticate_bearer(ctx: Context, authorization: str) -> Tenant:
+    """`authenticate` from the `Authorization` header's value (the chat path reads its headers itself)."""
     if ctx.anonymous:
         return ANONYMOUS
-    key = bearer_key(request)
+    key = bearer(authorization)
     tenant = ctx.tenants.authenticate(key) if key else None
     if tenant is None:
         raise invalid_api_key()

@@ -143,15 +143,18 @@ class RateLimiter:
             if log.total + need > limit:
                 wait = log.wait(need, limit, now, self._window)
                 return Limited(kind, max(1, math.ceil(wait)), limit, need, headroom=self._headroom(checks, tenant, now))
-            logs.append((kind, log, need))
+            logs.append((kind, limit, log, need))
         reserved = None
-        for kind, log, need in logs:
+        headroom = []  # as `_headroom` gives it, from the logs at hand (no second lookup and expiry per kind)
+        for kind, limit, log, need in logs:
             entry = _Entry(now, need)
             log.entries.append(entry)
             log.total += need
             if kind == "tokens":
                 reserved = (log, entry)
-        return Reservation(self._headroom(checks, tenant, now), _settler(*reserved) if reserved else None)
+            headroom.append(Headroom(kind, limit, max(0, math.floor(limit - log.total)),
+                                     max(0.0, entry.at + self._window - now)))
+        return Reservation(tuple(headroom), _settler(*reserved) if reserved else None)
 
     def _headroom(self, checks: list[tuple[str, int | None, int]], tenant: Tenant, now: float) -> tuple[Headroom, ...]:
         out = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,15 +38,19 @@ class _Flight:
 
     send: Send
     started: bool = False  # the status line and headers are out
-    events: bool = False  # the response is a server-sent event stream
+    headers: Iterable[tuple[bytes, bytes]] = ()  # theirs, read only if the response is cut
     finished: bool = False
     cut: bool = False  # cancelled by the drain deadline
+
+    @property
+    def events(self) -> bool:
+        """The response is a server-sent event stream (looked up only when it is cut, not per request)."""
+        return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in self.headers)
 
     async def forward(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-            self.events = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
-                              for k, v in message.get("headers", ()))
+            self.headers = message.get("headers", ())
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.finished = True
         await self.send(message)

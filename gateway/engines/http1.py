@@ -15,7 +15,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 import httptools
@@ -124,17 +124,18 @@ class PostPool:
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
         self._extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._idle: dict[str, deque[_Connection]] = {}
+        self._targets: dict[str, tuple[str, SplitResult, bytes]] = {}  # URL -> _target(URL); config URLs only
         self._slots: asyncio.Semaphore | None = None  # made on first use, on the running loop
         self.opened = 0
 
     async def post(self, url: str, body: bytes, timeout_s: float) -> tuple[int, bytes]:
         """POST `body` (JSON) to `url`; the status and the whole answer, within `timeout_s` in all."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        head = (f"POST {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1\r\n"
-                f"host: {parts.netloc}\r\n{self._extra}content-type: application/json\r\n"
-                f"content-length: {len(body)}\r\n\r\n").encode("latin-1")
+        target = self._targets.get(url)
+        if target is None:
+            target = self._targets[url] = self._target(url)
+        origin, parts, head = target
+        head += b"content-length: %d\r\n\r\n" % len(body)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limit)
         async with self._slots:
@@ -149,6 +150,14 @@ class PostPool:
                 self._idle.setdefault(origin, deque()).append(connection)
             return answer
 
+    def _target(self, url: str) -> tuple[str, SplitResult, bytes]:
+        """(origin, parts, request head up to its content-length) of a URL: the same few URLs (a
+        replica's chat paths) are posted to on every request, so they are parsed once each."""
+        parts = urlsplit(url)
+        head = (f"POST {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1\r\n"
+                f"host: {parts.netloc}\r\n{self._extra}content-type: application/json\r\n").encode("latin-1")
+        return f"{parts.scheme}://{parts.netloc}", parts, head
+
     def _reuse(self, origin: str) -> _Connection | None:
         idle, now = self._idle.get(origin), time.monotonic()
         while idle:
@@ -158,7 +167,7 @@ class PostPool:
             connection.close()
         return None
 
-    async def _open(self, parts, deadline: float) -> _Connection:  # type: ignore[no-untyped-def]
+    async def _open(self, parts: SplitResult, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
         host, secure = parts.hostname or "", parts.scheme == "https"
         port = parts.port or (443 if secure else 80)

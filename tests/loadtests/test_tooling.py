@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loadtests import bench, soak
+from loadtests import bench, floor, soak
 from loadtests.profile import summarize
 
 
@@ -50,3 +50,10 @@ def test_profile_summary_counts_own_and_inclusive_time() -> None:
     assert "samples: 4" in text
     assert "75.0%  dumps (json/__init__.py)" in text  # own time, line numbers merged
     assert "100.0%  gateway/x.py" in text  # by gateway file
+
+
+def test_floor_runs_direct_bare_and_gateway(capsys) -> None:
+    floor.main(["--rate", "20", "--duration", "1", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| direct", "| bare", "| gateway"]
+    assert all(row.endswith(" | 0 |") for row in rows)  # no errors through either proxy

@@ -13,7 +13,6 @@ answered here with the 500 that the server-error middleware would give, then re-
 from __future__ import annotations
 
 from fastapi import FastAPI
-from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import APIError, server_error
@@ -41,9 +40,8 @@ class ChatCompletionsRoute:
         if scope["method"] != "POST":
             response = APIError(405, "Method Not Allowed", headers={"Allow": "POST"}).response()
         else:
-            request = Request(scope, receive, send)
             try:
-                response = await serving(request.app.state.context).create(request)
+                response = await serving(scope["app"].state.context).create(scope, receive)
             except APIError as e:
                 response = e.response()
             except Exception:  # a bug: nothing was sent yet, so the client gets a 500 it can read

@@ -73,7 +73,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)  # None: OpenAI's default, 1
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: Stops = []
+    stop: Stops = Field(default_factory=list, json_schema_extra={"default": []})  # not `= []`: that default is deep-copied per request
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)  # a 64-bit seed, as the engines take
     n: Literal[1] | None = None  # one choice per request
     stream: bool | None = False

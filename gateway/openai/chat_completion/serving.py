@@ -7,23 +7,24 @@ sent (a background task), so the judge adds no latency."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from anyio import to_thread
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
-from starlette.types import Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import authenticate
+from gateway.auth import authenticate_bearer
 from gateway.context import Context
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 from gateway.errors import (
@@ -60,14 +61,30 @@ def prompt_token_bound(messages: list[dict[str, str]]) -> int:
     return TEMPLATE_TOKENS + sum(len(m["content"].encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
 
 
-def _limit_headers(headroom: tuple[Headroom, ...]) -> dict[str, str]:
-    """OpenAI's `x-ratelimit-*` headers for a tenant with limits (none for one without)."""
-    headers = {}
+def _limit_headers(headroom: tuple[Headroom, ...]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's `x-ratelimit-*` headers for a tenant with limits (none for one without), as the raw
+    ASGI pairs a response sends: the JSON answer sends them as they are, without a round trip
+    through a dict and Starlette's header encoding."""
+    headers = []
     for room in headroom:
-        headers[f"x-ratelimit-limit-{room.kind}"] = str(room.limit)
-        headers[f"x-ratelimit-remaining-{room.kind}"] = str(room.remaining)
-        headers[f"x-ratelimit-reset-{room.kind}"] = f"{room.reset_s:.3f}s"
+        limit, remaining, reset = _limit_names(room.kind)
+        headers += ((limit, str(room.limit).encode()), (remaining, str(room.remaining).encode()),
+                    (reset, f"{room.reset_s:.3f}s".encode()))
     return headers
+
+
+@functools.cache
+def _limit_names(kind: str) -> tuple[bytes, bytes, bytes]:
+    return (f"x-ratelimit-limit-{kind}".encode(), f"x-ratelimit-remaining-{kind}".encode(),
+            f"x-ratelimit-reset-{kind}".encode())
+
+
+def _as_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Raw header pairs as the `headers=` of an error or a Starlette response."""
+    return {k.decode(): v.decode() for k, v in headers}
+
+
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 
 
 def _nothing() -> None:
@@ -98,6 +115,10 @@ class _Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     status: str = "499"  # until the answer completes or fails
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
     def add(self, chunk: Chunk) -> None:
         self.parts.append(chunk.text)
@@ -143,7 +164,7 @@ class _Answer:
         """A blocking judge (a remote model) runs in a worker thread and must never stall the loop. A
         non-blocking one (the keyword judge) runs inline: it costs microseconds, and handing it to a
         thread cost a fifth of the gateway's CPU per request in GIL hand-offs (docs/performance.md)."""
-        judge, answer = self.ctx.judge, "".join(self.parts)
+        judge, answer = self.ctx.judge, self.text
         try:
             if getattr(judge, "blocking", True):
                 refused = await to_thread.run_sync(judge.is_refusal, self.prompt, answer)
@@ -174,22 +195,57 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length", "")
+def _head(scope: Scope) -> tuple[str, bytes]:
+    """The request's `authorization` (latin-1, as Starlette decodes it) and `content-length`
+    headers, in one pass over the raw list (the first of each, as Starlette's `Headers.get`)."""
+    authorization = length = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if authorization is None:
+                authorization = value
+        elif name == b"content-length" and length is None:
+            length = value
+    return (authorization or b"").decode("latin-1"), length or b""
+
+
+async def _read_body(receive: Receive, length: bytes, limit: int) -> bytes:
+    """The whole body, refused with a 413 as soon as it passes `limit` (declared or counted); a
+    client gone mid-body raises Starlette's ClientDisconnect, as `Request.stream` does."""
     if length.isdigit() and int(length) > limit:
         raise too_large(limit)
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_large(limit)
-    return bytes(body)
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise too_large(limit)
+            if not message.get("more_body", False):
+                return body
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(receive: Receive) -> None:
     """Returns when the client goes away (the body has been read, so only a disconnect can come)."""
-    while (await request.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class _JSONAnswer:
+    """A whole answer, sent as prepared header pairs and body bytes, then accounted for: what
+    Starlette's JSONResponse with a BackgroundTask did, without its dict rendering, header
+    encoding and callable checks per request (docs/performance.md)."""
+
+    __slots__ = ("headers", "body", "answer")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes, answer: _Answer) -> None:
+        self.headers, self.body, self.answer = headers, body, answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+        await self.answer.record()
 
 
 class ChatServing:
@@ -203,14 +259,18 @@ class ChatServing:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    async def create(self, request: Request) -> Response:
+    async def create(self, scope: Scope, receive: Receive) -> ASGIApp:
+        """The response to one request (raises APIError for every error answer). Reads the scope and
+        the body itself: a Starlette `Request` and its `Headers` cost more than this path uses."""
         ctx, started = self.ctx, time.perf_counter()
         tenant_label = adapter_label = OTHER
+        authorization, length = _head(scope)
         try:
-            tenant = authenticate(ctx, request)
+            tenant = authenticate_bearer(ctx, authorization)
             tenant_label = tenant.name
             try:
-                body = self.request_model.model_validate_json(await _read_body(request, ctx.settings.limits.max_body_bytes))
+                body = self.request_model.model_validate_json(
+                    await _read_body(receive, length, ctx.settings.limits.max_body_bytes))
             except ValidationError as e:
                 raise invalid_body(e.errors()) from None
             if not ctx.engine.ready:
@@ -223,7 +283,7 @@ class ChatServing:
                 headers = _limit_headers(admitted.headroom)
                 if isinstance(admitted, Limited):
                     error = rate_limited(admitted)
-                    error.headers = {**(error.headers or {}), **headers}
+                    error.headers = {**(error.headers or {}), **_as_dict(headers)}
                     raise error
                 stream = ctx.engine.generate(generation)
                 try:
@@ -241,17 +301,18 @@ class ChatServing:
         except APIError as e:
             ctx.metrics.requests.labels(tenant_label, adapter_label, str(e.status)).inc()
             if ctx.settings.request_log != "off":
-                log_request(ctx.settings.request_log, request_id(request.scope), tenant_label, adapter_label,
+                log_request(ctx.settings.request_log, request_id(scope), tenant_label, adapter_label,
                             str(e.status), 0, 0, time.perf_counter() - started, None)
             raise
         answer = _Answer(ctx, tenant, body.model, self._judged_prompt(generation), started, admitted,
-                         request_id(request.scope), body.user, ttft=time.perf_counter() - started,
+                         request_id(scope), body.user, ttft=time.perf_counter() - started,
                          id=f"{self.id_prefix}{os.urandom(16).hex()}")  # uuid4's bits, without its object
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EventStream(self._events(answer, first, stream, include_usage, release), release, headers=headers,
+            return _EventStream(self._events(answer, first, stream, include_usage, release), release,
+                                headers=_as_dict(headers),
                                 media_type="text/event-stream", background=BackgroundTask(answer.record))
-        return await self._complete(request, answer, first, stream, headers)
+        return await self._complete(receive, answer, first, stream, headers)
 
     async def _stream_slot(self, tenant: Tenant) -> Callable[[], None]:
         limit = self.ctx.settings.limits.max_concurrent_streams
@@ -289,21 +350,19 @@ class ChatServing:
             raise bad_request(f"{param} is {max_tokens}; this gateway allows at most {limits.max_tokens}.",
                               param=param, code="max_tokens_exceeded")
         temperature = 1.0 if body.temperature is None else body.temperature
-        return replace(
-            generation,
-            adapter=adapter,
-            max_tokens=max_tokens,
-            temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            stop=tuple(body.stop),
-            seed=body.seed,
-            stream=bool(body.stream),
-        )
+        # Set on the request `_inputs` just made (no one else holds it): `dataclasses.replace` cost
+        # more than the rest of this function.
+        generation.adapter, generation.max_tokens = adapter, max_tokens
+        generation.temperature = 0.0 if temperature < MIN_TEMPERATURE else temperature
+        generation.top_p = 1.0 if body.top_p is None else body.top_p
+        generation.stop, generation.seed, generation.stream = tuple(body.stop), body.seed, bool(body.stream)
+        return generation
 
     @staticmethod
-    def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+    def _choice(text: str, finish_reason: str | None) -> str:
+        """The JSON of the answer's one choice."""
+        return (f'{{"index":0,"message":{{"role":"assistant","content":{_dumps(text)}}},"logprobs":null,'
+                f'"finish_reason":{_dumps(finish_reason)}}}')
 
     @staticmethod
     def _first_delta() -> dict[str, str] | None:
@@ -315,8 +374,8 @@ class ChatServing:
         """The JSON of a streamed event's choice up to its `logprobs` (text None: the final event)."""
         return f'"delta":{_dumps({} if text is None else {"content": text})}'
 
-    async def _complete(self, request: Request, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
-                        headers: dict[str, str]) -> Response:
+    async def _complete(self, receive: Receive, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
+                        headers: list[tuple[bytes, bytes]]) -> ASGIApp:
         """Collect the whole answer, unless the client leaves first: then stop generating. An engine
         whose first chunk is the whole answer (vLLM's non-streamed one) has nothing left to wait for:
         no watcher task then, which was two tasks and a wait per request (docs/performance.md)."""
@@ -333,7 +392,7 @@ class ChatServing:
                 async for chunk in stream:
                     answer.add(chunk)
 
-        work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_disconnected(request))
+        work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_disconnected(receive))
         try:
             done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -351,12 +410,15 @@ class ChatServing:
             raise error
         return self._json(answer, headers)
 
-    def _json(self, answer: _Answer, headers: dict[str, str]) -> Response:
-        body = {
-            "id": answer.id, "object": self.object, "created": answer.created, "model": answer.model,
-            "choices": [self._choice("".join(answer.parts), answer.finish_reason)], "usage": answer.usage,
-        }
-        return JSONResponse(body, headers=headers, background=BackgroundTask(answer.record))
+    def _json(self, answer: _Answer, headers: list[tuple[bytes, bytes]]) -> _JSONAnswer:
+        """The answer's JSON, byte for byte what `json.dumps(..., ensure_ascii=False, separators=(",",
+        ":"))` of its dict gives (Starlette's JSONResponse): the constant parts are literals, only the
+        strings are serialised (tests/gateway/test_answer_json.py)."""
+        body = (f'{{"id":"{answer.id}","object":"{self.object}","created":{answer.created},"model":{_dumps(answer.model)},'
+                f'"choices":[{self._choice(answer.text, answer.finish_reason)}],"usage":{{"prompt_tokens":'
+                f'{answer.prompt_tokens},"completion_tokens":{answer.completion_tokens},"total_tokens":'
+                f'{answer.prompt_tokens + answer.completion_tokens}}}}}').encode()
+        return _JSONAnswer([*headers, (b"content-length", str(len(body)).encode()), JSON_CONTENT_TYPE], body, answer)
 
     async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk], include_usage: bool,
                       release: Callable[[], None]) -> AsyncIterator[str]:

@@ -23,7 +23,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: Stops = []
+    stop: Stops = Field(default_factory=list, json_schema_extra={"default": []})  # not `= []`: that default is deep-copied per request
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     n: Literal[1] | None = None
     stream: bool | None = False

@@ -30,8 +30,9 @@ class CompletionServing(ChatServing):
         return generation.prompt
 
     @staticmethod
-    def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(text: str, finish_reason: str | None) -> str:
+        return (f'{{"index":0,"text":{json.dumps(text, ensure_ascii=False)},"logprobs":null,'
+                f'"finish_reason":{json.dumps(finish_reason, ensure_ascii=False)}}}')
 
     @staticmethod
     def _first_delta() -> None:
