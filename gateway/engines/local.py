@@ -218,6 +218,7 @@ class LocalEngine:
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} is already loaded")
         peft_name = _peft_name(name)
+        self._decoder.adapters_changed()
         try:
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(str(path), adapter_name=peft_name)
@@ -247,6 +248,7 @@ class LocalEngine:
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not loaded")
         assert isinstance(self._model, PeftModel)
+        self._decoder.adapters_changed()
         if self._adapters == {name}:  # PEFT cannot run with no adapter: back to the plain base
             self._model = self._model.unload()
         else:
