@@ -75,7 +75,7 @@ serve: install
 # tests/conftest.py makes each test file a group, and one group of the files that share a real vLLM
 # server, one of those that depend on timing.
 test: install test-deps vllm-venv checkov-venv
-	@echo "==> running the test suite with $(WORKERS) workers (53 min measured on a loaded 2-core machine, most of it the embedded canary test)"
+	@echo "==> running the test suite with $(WORKERS) workers (20 min measured on a quiet 2-core machine, 50 on a loaded one; most of it the embedded canary test)"
 	@$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup --durations=15; rc=$$?; \
 	  total=$$(( $$(date +%s) - $(MAKE_START) )); \
 	  echo "make test: exit $$rc, total $$(( total / 60 )) min $$(( total % 60 )) s (installs included)"; exit $$rc
