@@ -1,13 +1,15 @@
-"""Upload-to-live time of a rank-16 adapter on the embedded model: a real gateway (in process, over
+"""Upload-to-live time of an adapter on the embedded model: a real gateway (in process, over
 HTTP), the default canary probe sets, the default engine settings. The clock runs from the start of
 the upload to the moment the admin API reports the adapter live (validated, stored, hot-loaded, probed
 against the base, promoted). Measured twice on one gateway: `cold`, when the base model's probe answers
 are not cached yet (a fresh base or probe set), and `warm`, the usual case, when they are.
 
-    [OMP_NUM_THREADS=1] .venv/bin/python benchmarks/upload_to_live.py [--adapter DIR] [--out FILE]
+    [OMP_NUM_THREADS=1] .venv/bin/python benchmarks/upload_to_live.py [--adapter DIR] [--rank 8]
+        [--targets q_proj,...] [--concurrency N] [--max-batch-size N] [--out FILE]
 
-Without `--adapter` it uploads LoRAs of rank 16 on q_proj and v_proj with small random B (answers
-close to the base's, as a passing adapter's are). The goal (issue 5): at most 60 s on this machine.
+Without `--adapter` it uploads LoRAs (default rank 8 on all seven projections) with small random B
+(answers close to the base's, as a passing adapter's are). The goal (issue 19): the warm run within
+15 s on this machine (issue 5's was 60 s for rank 16 on q_proj and v_proj).
 On a machine shared with other jobs, `OMP_NUM_THREADS=1` avoids oversubscribing the cores, which
 otherwise slows decoding several times over; the thread count and the load average before and after
 are recorded with the result.
@@ -38,13 +40,14 @@ from gateway.settings import Settings
 from salora.models import EMBEDDED, load_model
 
 ADMIN_KEY = "benchmark-admin-key"
-GOAL_S = 60.0
+GOAL_S = 15.0  # issue 19, for the warm run (the base's answers cached)
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def synthetic_adapter(out: Path, seed: int, rank: int = 16) -> Path:
+def synthetic_adapter(out: Path, seed: int, rank: int, targets: list[str]) -> Path:
     torch.manual_seed(seed)
     model, _ = load_model(EMBEDDED)
-    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"]))
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
     for name, param in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=1e-3)
@@ -82,13 +85,23 @@ def upload_to_live(http: httpx.Client, name: str, data: bytes) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", type=Path, help="a PEFT adapter directory to upload (twice: cold, warm)")
+    ap.add_argument("--rank", type=int, default=8, help="of the synthetic adapters")
+    ap.add_argument("--targets", default=ALL_PROJECTIONS, help="modules of the synthetic adapters")
+    ap.add_argument("--concurrency", type=int, help="canary.concurrency (probes in flight; default: the setting's)")
+    ap.add_argument("--max-batch-size", type=int, help="the local engine's max_batch_size (default: the setting's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "upload_to_live.json")
     args = ap.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        adapters = [args.adapter] * 2 if args.adapter else [synthetic_adapter(tmp_path / f"a{i}", i) for i in range(2)]
-        settings = Settings(model=EMBEDDED, admin_key=ADMIN_KEY, state_dir=tmp_path / "state")
+        adapters = [args.adapter] * 2 if args.adapter else [
+            synthetic_adapter(tmp_path / f"a{i}", i, args.rank, args.targets.split(",")) for i in range(2)]
+        overrides: dict = {}
+        if args.concurrency:
+            overrides["canary"] = {"concurrency": args.concurrency}
+        if args.max_batch_size:
+            overrides["max_batch_size"] = args.max_batch_size
+        settings = Settings(model=EMBEDDED, admin_key=ADMIN_KEY, state_dir=tmp_path / "state", **overrides)
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -117,7 +130,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for label, run in runs.items():
-        verdict = "within" if run["upload_to_live_s"] <= GOAL_S else "OVER"
+        verdict = "within" if run["upload_to_live_s"] <= GOAL_S else "OVER"  # the goal is the warm run's
         print(f"{label}: {run['state']} after {run['upload_to_live_s']:.1f} s (202 after {run['accepted_s']:.2f} s, "
               f"canary {run['canary_s']:.1f} s) - {verdict} the {GOAL_S:.0f} s goal")
     print(f"-> {args.out}")

@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None  # rate limits and stream slots shared by replicas (docs/replicas.md)
     limits: Limits = Limits()
     rate_window_s: float = Field(default=60.0, gt=0)  # the "minute" of rpm/tpm (short in tests)
-    max_batch_size: int = Field(default=8, gt=0)
+    max_batch_size: int = Field(default=48, gt=0)
     max_model_len: int = Field(default=2048, gt=0)
     lifecycle: LifecycleConfig = LifecycleConfig()  # adapter uploads, re-probes (docs/lifecycle.md)
     canary: CanaryConfig = CanaryConfig()  # the safety gate every uploaded adapter passes (docs/lifecycle.md)
