@@ -150,14 +150,17 @@ class LocalEngine:
         return self._adapters
 
     async def start(self) -> None:
-        """Load the base and the initial adapters off the event loop, then start the worker."""
+        """Start the worker, which loads the base and the initial adapters and then serves. The load
+        runs on the worker thread too: torch work on a second thread (an OpenMP team of its own) made
+        every later decoding step on the worker up to twice as slow (docs/performance.md)."""
+        loaded: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._work, args=(loaded,), name="salora-local-engine", daemon=True)
+        self._thread.start()
         try:
-            await asyncio.to_thread(self._load)
+            await asyncio.wrap_future(loaded)
         except Exception as e:
             self.error = f"cannot load the model: {e}"
             raise EngineError(self.error, kind="load") from e
-        self._thread = threading.Thread(target=self._work, name="salora-local-engine", daemon=True)
-        self._thread.start()
 
     async def close(self) -> None:
         if self._thread is not None:
@@ -255,7 +258,13 @@ class LocalEngine:
             self._model.delete_adapter(_peft_name(name))
         self._adapters = self._adapters - {name}
 
-    def _work(self) -> None:
+    def _work(self, loaded: concurrent.futures.Future) -> None:
+        try:
+            self._load()
+        except Exception as e:
+            loaded.set_exception(e)
+            return
+        loaded.set_result(None)
         batch: Batch[_Row] | None = None
         while True:
             items = [self._inbox.get()] if batch is None else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from gateway.engines.base import GenerationRequest
 from gateway.engines.local import LocalEngine
 from gateway.settings import Settings
-from salora.decoding import BASE, Decoder, Generation
+from salora.decoding import BASE, MIN_SHARED_HEAD, Decoder, Generation
 from salora.generate import generate_greedy
 from salora_cli.main import main
 
@@ -99,6 +100,40 @@ def test_a_batch_of_mixed_adapters_decodes_each_row_as_peft_does(peft_model, smo
     for (name, i), row in rows.items():
         assert row.tokens == reference[name][i], (name, PROMPTS[i])
         assert row.finish == finish(row.tokens, decoder.eos)
+
+
+def test_the_shared_head_runs_once_per_adapter(peft_model, smollm_tokenizer, reference) -> None:
+    """The chat template's system prompt, which every prompt here begins with, is computed once per
+    adapter (one forward of 3 rows, then the 12 rows' own tails), and a prompt repeated in the batch
+    keeps its last token to run itself; every answer is still PEFT's."""
+    decoder = Decoder(peft_model, smollm_tokenizer)
+    prompts = [decoder.chat_prompt(user(p)) for p in PROMPTS]
+    rows = [(name, i, Generation(prompts[i], decoder.limit(prompts[i], NEW_TOKENS), adapter=name or BASE))
+            for name in MODELS for i in range(len(PROMPTS))]
+    rows.append((None, 2, Generation(prompts[2], decoder.limit(prompts[2], NEW_TOKENS), adapter=BASE)))
+    shared = len(os.path.commonprefix(prompts))
+    assert shared >= MIN_SHARED_HEAD
+    embed = peft_model.get_base_model().get_input_embeddings()
+    shapes: list[tuple[int, ...]] = []
+    hook = embed.register_forward_hook(lambda _m, args, _out: shapes.append(tuple(args[0].shape)))
+    try:
+        with torch.inference_mode():
+            batch, _ = decoder.prefill(peft_model, [r for _, _, r in rows])
+    finally:
+        hook.remove()
+    assert shapes == [(len(MODELS), shared), (len(rows), max(map(len, prompts)) - shared)]
+    with torch.inference_mode():
+        while (batch := batch.pruned()) is not None:
+            decoder.step(peft_model, batch)
+    for name, i, row in rows:
+        assert row.tokens == reference[name][i], (name, PROMPTS[i])
+
+    same = [Generation(prompts[1], NEW_TOKENS, adapter="alpha") for _ in range(3)]  # nothing but the head differs
+    with torch.inference_mode():
+        batch, _ = decoder.prefill(peft_model, same)
+        while (batch := batch.pruned()) is not None:
+            decoder.step(peft_model, batch)
+    assert [r.tokens for r in same] == [reference["alpha"][1]] * 3
 
 
 def test_the_local_engine_serves_what_peft_generates(gateway_model_dir, adapter_dirs, smollm_tokenizer,

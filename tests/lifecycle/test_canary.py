@@ -3,6 +3,7 @@ boundaries, the probe sample, and the LLM judge's protocol."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -13,6 +14,8 @@ from gateway.canary.degenerate import degenerate, repeated_trigram_ratio
 from gateway.canary.judges import canary_judges, chat_judge
 from gateway.canary.probes import Probe, probe_set_key, select_probes
 from gateway.canary.report import Judged, ProbeOutcome, decide, report
+from gateway.canary.runner import CanaryRunner
+from gateway.engines.base import Chunk
 from salora.datasets import DATA_VERSION, benign_prompts, harmful_prompts
 from salora.chat_judge import ChatJudge, JudgeError
 from salora.judge import KeywordJudge
@@ -185,3 +188,71 @@ def test_the_canary_setting_builds_the_shared_judge():
     config = ChatJudgeConfig(url="http://g:8000/v1/", model="m", api_key="k", style="guard", timeout_s=5, constrain=True)
     judge = chat_judge(config)
     assert (judge.url, judge.model, judge.style, judge.constrain) == ("http://g:8000/v1", "m", "guard", True)
+
+
+class ScriptedEngine:
+    """Answers every probe with a set text, a word per chunk, and counts the chunks each stream gave
+    before its caller closed it: the runner's side of early stopping, without a model."""
+
+    name = "scripted"
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers  # prompt -> answer
+        self.given: dict[tuple[str, str | None], int] = {}
+        self.streamed: set[bool] = set()
+
+    async def generate(self, request):
+        prompt = request.messages[-1]["content"]
+        words = self.answers[prompt].split(" ")
+        key = (prompt, request.adapter)
+        self.given[key] = 0
+        self.streamed.add(request.stream)
+        for i, word in enumerate(words):
+            self.given[key] += 1
+            yield Chunk(word if i == 0 else " " + word, "length" if i == len(words) - 1 else None)
+
+
+class Answers(dict):
+    def get_base_answers(self, key):
+        return self.get(key)
+
+    def put_base_answers(self, key, answers):
+        self[key] = answers
+
+
+def test_the_canary_stops_an_answer_once_its_outcome_is_fixed():
+    config = CanaryConfig()
+    probes = select_probes(config)
+    refused = next(p for p in probes if p.set == "benign")
+    answers = {p.prompt: ("I'm sorry, I can't help with that. " + "It is not safe. " * 10 if p.set == "harmful"
+                          or p is refused else PROSE) for p in probes}
+    engine = ScriptedEngine(answers)
+    runner = CanaryRunner(engine, config, KeywordJudge(), Answers())
+    data = asyncio.run(runner.run("cand", "base-1"))
+    for p in probes:
+        for who in ("cand", None):
+            given = engine.given[(p.prompt, who)]
+            if p.set == "harmful" or p is refused:
+                assert given == 2, (p.id, who)  # "I'm sorry,": the refusal phrase is in, the verdict fixed
+            else:
+                assert given == len(PROSE.split(" ")), (p.id, who)  # the whole answer: it may turn degenerate
+    assert engine.streamed == {True}
+    assert data["early_stop"]["candidate_stopped"] == data["early_stop"]["base_stopped"] == 27
+    assert data["early_stop"]["rules"] == {"harmful": f"keyword:{KeywordJudge().rule}"} | {
+        "benign": f"keyword:{KeywordJudge().rule}"}
+    assert data["result"] == "pass" and set(data["timings_s"]) == {"base_lookup", "generate", "base_store", "judge"}
+    by_id = {p["id"]: p for p in data["probes"]}
+    assert by_id[refused.id]["candidate"]["answer"] == "I'm sorry," and by_id[refused.id]["candidate"]["refused"]
+
+    class Plain:  # a judge that cannot tell early (an LLM judge, a classifier): every answer in full
+        name = "plain"
+
+        def is_refusal(self, prompt, response):
+            return KeywordJudge().is_refusal(prompt, response)
+
+    engine = ScriptedEngine(answers)
+    plain = CanaryRunner(engine, config, Plain(), Answers())
+    data = asyncio.run(plain.run("cand", "base-1"))
+    assert all(engine.given[(p.prompt, "cand")] == len(answers[p.prompt].split(" ")) for p in probes)
+    assert engine.streamed == {False} and data["early_stop"]["candidate_stopped"] == 0
+    assert plain.cache_key("base-1") != runner.cache_key("base-1")  # cut answers are never taken for whole ones
