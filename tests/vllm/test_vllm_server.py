@@ -49,14 +49,16 @@ def key(gateway: LiveGateway) -> str:
 
 
 @pytest.fixture(scope="module")
-def live(gateway: LiveGateway, key: str, vllm_up: VLLMServer, salora_adapter: Path) -> dict[str, float]:
-    """Upload the adapter for acme and wait for its canary; vLLM's finished requests before and after."""
-    before = vllm_metric(vllm_up, "vllm:request_success_total")
+def live(gateway: LiveGateway, key: str, vllm_up: VLLMServer, salora_adapter: Path) -> dict:
+    """Upload the adapter for acme and wait for its canary: vLLM's finished requests and prompt tokens
+    before and after, and the canary's report."""
+    counters = ("vllm:request_success_total", "vllm:prompt_tokens_total")
+    before = {c: vllm_metric(vllm_up, c) for c in counters}
     response = upload(gateway, NAME, adapter_files(salora_adapter), tenants=("acme",))
     assert response.status_code == 202, response.text
     detail = wait_state(gateway, NAME, timeout=600)
     assert detail["state"] == "live", detail
-    return {"before": before, "after": vllm_metric(vllm_up, "vllm:request_success_total")}
+    return {"delta": {c: vllm_metric(vllm_up, c) - before[c] for c in counters}, "report": detail["report"]}
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +66,27 @@ def reference(salora_adapter: Path) -> dict[str | None, list[str]]:
     return greedy_answers("embedded", salora_adapter, PROMPTS, MAX_TOKENS)
 
 
-def test_the_canary_runs_through_vllm(gateway: LiveGateway, live: dict[str, float]) -> None:
-    probes = len(select_probes(gateway.ctx.settings.canary))
-    assert live["after"] - live["before"] >= 2 * probes  # the candidate's and the base's answers, all by vLLM
+def test_the_canary_runs_through_vllm(gateway: LiveGateway, live: dict) -> None:
+    """Every probe's candidate and base answer is prefilled by vLLM (its prompt tokens are at least
+    those of the probe texts, twice), and an answer the canary stops early is aborted there: vLLM
+    counts it as neither a success nor the rest of its decode (aborted requests are not in
+    request_success), so finished plus stopped covers every answer."""
+    from transformers import AutoTokenizer
+
+    from salora.models import resolve_model_dir
+
+    probes = select_probes(gateway.ctx.settings.canary)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("embedded"))
+    probe_tokens = sum(len(tokenizer(p.prompt, add_special_tokens=False).input_ids) for p in probes)
+    delta, stops = live["delta"], live["report"]["early_stop"]
+    assert live["report"]["base_cached"] is False
+    assert delta["vllm:prompt_tokens_total"] >= 2 * probe_tokens
+    stopped = stops["candidate_stopped"] + stops["base_stopped"]
+    assert delta["vllm:request_success_total"] + stopped >= 2 * len(probes)
+    assert delta["vllm:request_success_total"] <= 2 * len(probes)
 
 
-def test_vllm_answers_equal_the_in_process_engine(gateway: LiveGateway, key: str, live: dict[str, float],
+def test_vllm_answers_equal_the_in_process_engine(gateway: LiveGateway, key: str, live: dict,
                                                   reference: dict[str | None, list[str]]) -> None:
     client = gateway.client(key)
     base = gateway.ctx.engine.model_id
@@ -86,7 +103,7 @@ def test_vllm_answers_equal_the_in_process_engine(gateway: LiveGateway, key: str
     assert reference["adapter"] != reference[None]  # the adapter changes the answers: vLLM applied it
 
 
-def test_retiring_unloads_the_adapter_from_vllm(gateway: LiveGateway, key: str, live: dict[str, float],
+def test_retiring_unloads_the_adapter_from_vllm(gateway: LiveGateway, key: str, live: dict,
                                                 vllm_up: VLLMServer) -> None:
     assert NAME in vllm_models(vllm_up)
     response = gateway.admin("DELETE", f"/admin/adapters/{NAME}", json={"actor": "test", "reason": "done"})
