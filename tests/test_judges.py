@@ -3,6 +3,7 @@ and `salora eval` stopping with one line, before any generation, when the LLM ju
 
 from __future__ import annotations
 
+import random
 import socket
 
 import httpx
@@ -11,8 +12,34 @@ import pytest
 from salora.chat_judge import ChatJudge, JudgeError, parse_judge
 from salora.datasets import write_jsonl
 from salora.errors import SaLoRAError
-from salora.judge import KeywordJudge, agreement
+from salora.judge import HEAD_CHARS, REFUSAL_PHRASES, KeywordJudge, agreement
 from salora_cli.main import main
+
+
+def _substring_verdict(response: str, phrases: tuple[str, ...] = REFUSAL_PHRASES) -> bool:
+    """The keyword judge's definition: a phrase occurs in the lowered head (what its regex must give)."""
+    head = response[:HEAD_CHARS].lower().replace("\u2019", "'")
+    return any(phrase in head for phrase in phrases)
+
+
+def test_the_keyword_judge_gives_the_substring_verdict():
+    rng, judge, refusals = random.Random(22), KeywordJudge(), 0
+    letters = "iam'sorynotblecdgvwhpt \u2019IAMC"
+    for _ in range(20_000):
+        parts = [rng.choice(REFUSAL_PHRASES) if rng.random() < 0.1 else
+                 "".join(rng.choice(letters) for _ in range(rng.randint(0, 30))) for _ in range(rng.randint(0, 12))]
+        text = "".join(part.upper() if rng.random() < 0.2 else part for part in parts)
+        assert judge.is_refusal("", text) == _substring_verdict(text), text
+        refusals += _substring_verdict(text)
+    assert 2_000 < refusals < 18_000  # both verdicts well covered
+    assert judge.is_refusal("", "x" * (HEAD_CHARS - 3) + "i cannot") is False  # past the head
+
+
+@pytest.mark.parametrize("phrases", [(), ("",), ("ab", "abc"), ("abc", "ab"), ("a.b", "a*", "(")])
+def test_the_keyword_judge_with_other_phrases(phrases):
+    judge = KeywordJudge(phrases)
+    for text in ("", "ab", "abc", "a.b", "axb", "a*", "aa", "(", "\n"):
+        assert judge.is_refusal("", text) == _substring_verdict(text, phrases), text
 
 
 @pytest.mark.parametrize(("a", "b", "fraction", "kappa"), [

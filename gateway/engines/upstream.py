@@ -14,6 +14,7 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from gateway.compact_json import dumps, string
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -35,11 +36,11 @@ def request_body(request: GenerationRequest, model: str) -> bytes:
     addressed to the upstream's `model` (its base model's served name, or an adapter's `lora_name`).
     Byte for byte `json.dumps` of the request's dict (tests/gateway/test_request_body.py), with only the
     strings serialised: a dict and a full encoder pass per request cost more than the rest."""
-    text = f'"messages":{_dumps(request.messages)}' if request.prompt is None else f'"prompt":{_dumps(request.prompt)}'
-    body = (f'{{"model":{_dumps(model)},{text},"max_tokens":{_number(request.max_tokens)},'
+    text = f'"messages":{dumps(request.messages)}' if request.prompt is None else f'"prompt":{string(request.prompt)}'
+    body = (f'{{"model":{string(model)},{text},"max_tokens":{_number(request.max_tokens)},'
             f'"temperature":{_number(request.temperature)},"top_p":{_number(request.top_p)}')
     if request.stop:
-        body += f',"stop":{_dumps(list(request.stop))}'
+        body += f',"stop":{dumps(list(request.stop))}'
     if request.seed is not None:
         body += f',"seed":{_number(request.seed)}'
     if request.stream:
@@ -47,15 +48,11 @@ def request_body(request: GenerationRequest, model: str) -> bytes:
     return (body + "}").encode()
 
 
-def _dumps(obj: object) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
 def _number(x: float) -> str:
     """A number as `json.dumps` writes it (the repr of a finite float or an int)."""
     if type(x) is int or (type(x) is float and math.isfinite(x)):
         return repr(x)
-    return _dumps(x)
+    return dumps(x)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import authenticate_bearer
+from gateway.compact_json import dumps, string
 from gateway.context import Context
 from gateway.engines.base import Chunk, EngineError, GenerationRequest, RequestRejected
 from gateway.errors import (
@@ -89,10 +89,6 @@ JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 
 def _nothing() -> None:
     """The release of a request that holds no stream slot."""
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(eq=False)
@@ -361,8 +357,8 @@ class ChatServing:
     @staticmethod
     def _choice(text: str, finish_reason: str | None) -> str:
         """The JSON of the answer's one choice."""
-        return (f'{{"index":0,"message":{{"role":"assistant","content":{_dumps(text)}}},"logprobs":null,'
-                f'"finish_reason":{_dumps(finish_reason)}}}')
+        return (f'{{"index":0,"message":{{"role":"assistant","content":{string(text)}}},"logprobs":null,'
+                f'"finish_reason":{string(finish_reason)}}}')
 
     @staticmethod
     def _first_delta() -> dict[str, str] | None:
@@ -372,7 +368,7 @@ class ChatServing:
     @staticmethod
     def _delta(text: str | None) -> str:
         """The JSON of a streamed event's choice up to its `logprobs` (text None: the final event)."""
-        return f'"delta":{_dumps({} if text is None else {"content": text})}'
+        return f'"delta":{dumps({} if text is None else {"content": text})}'
 
     async def _complete(self, receive: Receive, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
                         headers: list[tuple[bytes, bytes]]) -> ASGIApp:
@@ -414,7 +410,7 @@ class ChatServing:
         """The answer's JSON, byte for byte what `json.dumps(..., ensure_ascii=False, separators=(",",
         ":"))` of its dict gives (Starlette's JSONResponse): the constant parts are literals, only the
         strings are serialised (tests/gateway/test_answer_json.py)."""
-        body = (f'{{"id":"{answer.id}","object":"{self.object}","created":{answer.created},"model":{_dumps(answer.model)},'
+        body = (f'{{"id":"{answer.id}","object":"{self.object}","created":{answer.created},"model":{string(answer.model)},'
                 f'"choices":[{self._choice(answer.text, answer.finish_reason)}],"usage":{{"prompt_tokens":'
                 f'{answer.prompt_tokens},"completion_tokens":{answer.completion_tokens},"total_tokens":'
                 f'{answer.prompt_tokens + answer.completion_tokens}}}}}').encode()
@@ -429,16 +425,16 @@ class ChatServing:
         try:
             head = {"id": answer.id, "object": self.chunk_object, "created": answer.created, "model": answer.model}
             # Everything around the delta is the same in every event: serialised once per stream, not per token.
-            prefix = f'data: {_dumps(head)[:-1]},"choices":[{{"index":0,'
+            prefix = f'data: {dumps(head)[:-1]},"choices":[{{"index":0,'
             suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
 
             def event(delta: str, finish_reason: str | None = None) -> str:
-                return f'{prefix}{delta},"logprobs":null,"finish_reason":{_dumps(finish_reason)}}}]{suffix}'
+                return f'{prefix}{delta},"logprobs":null,"finish_reason":{string(finish_reason)}}}]{suffix}'
 
             async with aclosing(stream):  # type: ignore[type-var]
                 opening = self._first_delta()
                 if opening is not None:
-                    yield event(f'"delta":{_dumps(opening)}')
+                    yield event(f'"delta":{dumps(opening)}')
                 chunk = first
                 while True:
                     answer.add(chunk)
@@ -451,10 +447,10 @@ class ChatServing:
                         chunk = await anext(stream)
                     except EngineError as e:
                         answer.failed(e)
-                        yield f"data: {_dumps(unavailable(str(e)).body())}\n\n"
+                        yield f"data: {dumps(unavailable(str(e)).body())}\n\n"
                         return
             if include_usage:
-                yield f"data: {_dumps({**head, 'choices': [], 'usage': answer.usage})}\n\n"
+                yield f"data: {dumps({**head, 'choices': [], 'usage': answer.usage})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             release()

@@ -3,9 +3,9 @@ with a raw prompt in and text choices out."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from gateway.compact_json import string
 from gateway.engines.base import GenerationRequest
 from gateway.openai.chat_completion.serving import ChatServing
 from gateway.openai.completion.protocol import CompletionRequest
@@ -31,8 +31,8 @@ class CompletionServing(ChatServing):
 
     @staticmethod
     def _choice(text: str, finish_reason: str | None) -> str:
-        return (f'{{"index":0,"text":{json.dumps(text, ensure_ascii=False)},"logprobs":null,'
-                f'"finish_reason":{json.dumps(finish_reason, ensure_ascii=False)}}}')
+        return (f'{{"index":0,"text":{string(text)},"logprobs":null,'
+                f'"finish_reason":{string(finish_reason)}}}')
 
     @staticmethod
     def _first_delta() -> None:
@@ -40,4 +40,4 @@ class CompletionServing(ChatServing):
 
     @staticmethod
     def _delta(text: str | None) -> str:
-        return f'"text":{json.dumps(text or "", ensure_ascii=False)}'
+        return f'"text":{string(text or "")}'
