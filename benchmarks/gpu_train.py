@@ -43,12 +43,14 @@ SHAPES = {
 METHODS = ("lora", "salora", "salora-paper")
 
 
-def tokenizer():
+def tokenizer(directory: str | None = None):
+    """SmolLM2's tokenizer: from the embedded model's GGUF, or from `directory` (a saved copy, for a
+    machine that has no room for the 98 MB GGUF)."""
     from transformers import AutoTokenizer
 
     from salora.models import GGUF_FILE, gguf_dir
 
-    tok = AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE)
+    tok = AutoTokenizer.from_pretrained(directory) if directory else AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -95,14 +97,13 @@ def conversations(shape: dict, tok) -> list:
 
 
 def measure_train(method: str, shape: dict, device: torch.device, dtype: torch.dtype, steps: int, warmup: int, guard_rank: int,
-                  checkpointing: bool) -> dict:
+                  checkpointing: bool, tok) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from salora.models import linear_modules
     from salora.tuner import SaLoRAConfig, inject_salora
     from salora.tuner.config import ALL_LINEAR
 
-    tok = tokenizer()
     model = build_model(shape, device, dtype, len(tok), tok)
     rank = 16
     if method == "lora":
@@ -149,12 +150,11 @@ def measure_train(method: str, shape: dict, device: torch.device, dtype: torch.d
             "trainable": sum(p.numel() for p in params)}
 
 
-def measure_calibration(shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def measure_calibration(shape: dict, device: torch.device, dtype: torch.dtype, tok) -> dict:
     from salora.calibrate import stream_bases
     from salora.models import linear_modules
     from salora.tuner.config import ALL_LINEAR
 
-    tok = tokenizer()
     model = build_model(shape, device, dtype, len(tok), tok)
     modules = linear_modules(model, list(ALL_LINEAR))
     convs = conversations(shape, tok)
@@ -179,10 +179,11 @@ def child(args: argparse.Namespace) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
+    tok = tokenizer(args.tokenizer)
     if args.child == "calibrate":
-        out = measure_calibration(shape, device, dtype)
+        out = measure_calibration(shape, device, dtype, tok)
     else:
-        out = measure_train(args.child, shape, device, dtype, args.steps, args.warmup, args.guard_rank, args.gradient_checkpointing)
+        out = measure_train(args.child, shape, device, dtype, args.steps, args.warmup, args.guard_rank, args.gradient_checkpointing, tok)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -191,6 +192,8 @@ def run_child(what: str, args: argparse.Namespace) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--guard-rank", str(args.guard_rank), "--threads", str(args.threads)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
@@ -208,6 +211,7 @@ def main() -> None:
     ap.add_argument("--guard-rank", type=int, default=128, help="directions of the input guard U per module")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokenizer", default=None, help="a saved SmolLM2 tokenizer directory (default: the embedded model's GGUF)")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/gpu_train-<time>.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,29 +224,41 @@ def main() -> None:
     note = ("REDUCED SHAPE ON CPU: not the GPU measurement the goals are stated for; ratios only indicate, absolute "
             "numbers do not transfer" if reduced else "7B shape on GPU")
     print(f"gpu_train: {note}; shape {args.shape} {SHAPES[args.shape]}, device {args.device}, {args.dtype}", flush=True)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    calibration: dict | None = None
+
+    def save() -> dict:
+        """The record so far, written after every finished measurement: a run cut short keeps what it finished."""
+        summary = {}
+        for method in (m for m in METHODS if runs[m]):
+            summary[method] = {"step_s": statistics.median(x["step_s"] for x in runs[method]),
+                               "peak_bytes": statistics.median(x["peak_bytes"] for x in runs[method]),
+                               "trainable": runs[method][0]["trainable"]}
+        for method in summary if "lora" in summary else ():
+            summary[method]["step_vs_lora"] = summary[method]["step_s"] / summary["lora"]["step_s"]
+            summary[method]["peak_vs_lora"] = summary[method]["peak_bytes"] / summary["lora"]["peak_bytes"]
+        record = {
+            "benchmark": "gpu_train", "note": note, "reduced": reduced, "complete": calibration is not None, "shape": args.shape,
+            "dims": SHAPES[args.shape], "device": args.device,
+            "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+            "dtype": args.dtype, "rank": 16, "guard_rank": args.guard_rank, "gradient_checkpointing": args.gradient_checkpointing,
+            "steps": args.steps, "rounds": args.rounds, "threads": args.threads if args.device == "cpu" else None,
+            "load_average": os.getloadavg(), "summary": summary, "runs": runs, "calibration": calibration,
+            "goals": {"step_vs_lora_max": 1.05, "peak_vs_lora_max": 1.05, "calibration_seconds_max": 120 if not reduced else None},
+            "torch": torch.__version__, "python": platform.python_version(), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        return summary
+
     for r in range(args.rounds):
         for method in METHODS:
             runs[method].append(run_child(method, args))
+            save()
             print(f"  round {r + 1} {method}: step {runs[method][-1]['step_s']:.3f}s, peak {runs[method][-1]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
     calibration = run_child("calibrate", args)
-    summary = {}
-    for method in METHODS:
-        step = statistics.median(x["step_s"] for x in runs[method])
-        peak = statistics.median(x["peak_bytes"] for x in runs[method])
-        summary[method] = {"step_s": step, "peak_bytes": peak, "trainable": runs[method][0]["trainable"]}
-    for method in METHODS:
-        summary[method]["step_vs_lora"] = summary[method]["step_s"] / summary["lora"]["step_s"]
-        summary[method]["peak_vs_lora"] = summary[method]["peak_bytes"] / summary["lora"]["peak_bytes"]
-    record = {
-        "benchmark": "gpu_train", "note": note, "reduced": reduced, "shape": args.shape, "dims": SHAPES[args.shape],
-        "device": args.device, "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine(),
-        "dtype": args.dtype, "rank": 16, "guard_rank": args.guard_rank, "gradient_checkpointing": args.gradient_checkpointing,
-        "steps": args.steps, "rounds": args.rounds, "threads": args.threads if args.device == "cpu" else None,
-        "load_average": os.getloadavg(), "summary": summary, "runs": runs, "calibration": calibration,
-        "goals": {"step_vs_lora_max": 1.05, "peak_vs_lora_max": 1.05, "calibration_seconds_max": 120 if not reduced else None},
-        "torch": torch.__version__, "python": platform.python_version(), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    summary = save()
     print(f"\n{'method':14s} {'step':>9s} {'vs LoRA':>8s} {'peak':>10s} {'vs LoRA':>8s}")
     for method in METHODS:
         s = summary[method]
@@ -250,9 +266,6 @@ def main() -> None:
     print(f"calibration: {calibration['conversations']} conversations, {calibration['tokens']} tokens, {calibration['seconds']:.1f}s, "
           f"peak {calibration['peak_bytes'] / 2**30:.2f} GiB (weights {calibration['weight_bytes'] / 2**30:.2f} GiB)")
     print(f"({note})")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"-> {out}")
 
 
