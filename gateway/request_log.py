@@ -4,8 +4,9 @@ costs a measurable share of the gateway's CPU per request (docs/performance.md).
 
 from __future__ import annotations
 
-import json
 import logging
+
+from gateway.compact_json import dumps, string
 
 log = logging.getLogger("gateway.requests")
 
@@ -17,7 +18,7 @@ def log_request(style: str, request_id: str, tenant: str, model: str, status: st
               "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
               "latency_ms": round(latency_s * 1000, 1), "user": user}
     if style == "json":
-        log.info("%s", json.dumps(fields, ensure_ascii=False, separators=(",", ":")))
+        log.info("%s", dumps(fields))
     else:
-        log.info("%s", " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if isinstance(v, str) else v}"
+        log.info("%s", " ".join(f"{k}={string(v) if isinstance(v, str) else v}"
                                 for k, v in fields.items() if v is not None))
