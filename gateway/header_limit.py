@@ -4,13 +4,16 @@ An ASGI middleware sees headers only once the server has buffered all of them, s
 make every connection hold a header of any size (a 64 MiB one was answered 200). This protocol,
 uvicorn's httptools one with two checks, counts the bytes of a request's head while it is still
 arriving and answers 431, in OpenAI's error shape, as soon as they pass the cap; the request never
-reaches the application."""
+reaches the application. Its cycles are `PreparedCycle`s (gateway/response_head.py), which write
+the chat answer's prepared headers as they are."""
 
 from __future__ import annotations
 
 import json
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from gateway.response_head import PreparedCycle
 
 
 def _answer(limit: int) -> bytes:
@@ -52,6 +55,8 @@ class BoundedHttpTools(HttpToolsProtocol):
             self._refuse()
             return
         super().on_headers_complete()
+        if type(self.cycle) is RequestResponseCycle:  # made just now, its task not yet started
+            self.cycle.__class__ = PreparedCycle
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:

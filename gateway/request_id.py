@@ -8,6 +8,8 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.response_head import PreparedHead
+
 HEADER = b"x-request-id"
 CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")  # anything else (control characters, huge) is replaced
 
@@ -32,7 +34,10 @@ class RequestId:
 
         async def tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (HEADER, rid)]
+                headers = message.get("headers", [])
+                # The id is a checked token or made here: a line the prepared head may carry as it is.
+                message["headers"] = (headers.plus(b"x-request-id: %s\r\n" % rid) if type(headers) is PreparedHead
+                                      else [*headers, (HEADER, rid)])
             await send(message)
 
         await self.app(scope, receive, tagged)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 
 import httpx
 import openai
 import pytest
+
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
 from gateway.openai.chat_completion.protocol import UNSUPPORTED
 from tests.gateway.conftest import gateway_settings
@@ -87,6 +90,50 @@ def test_rate_limit_headers_for_a_limited_tenant(gw, keys):
     assert int(second.headers["x-ratelimit-remaining-tokens"]) < int(first.headers["x-ratelimit-remaining-tokens"])
     assert first.headers["x-ratelimit-reset-requests"].endswith("s")
     assert "x-ratelimit-limit-requests" not in post(gw, keys["root"], BASE_BODY).headers  # no limits, no headers
+
+
+def _raw_exchange(gw, key: str, connection: str, count: int) -> list[bytes]:
+    """`count` chat requests on one socket, as the bytes of each answer (head and body)."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = json.dumps(BASE_BODY).encode()
+    request = (f"POST {CHAT} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {key}\r\ncontent-type: "
+               f"application/json\r\nconnection: {connection}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+    answers = []
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        for _ in range(count):
+            sock.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head = data.split(b"\r\n\r\n", 1)[0]
+            length = int(next(v for k, _, v in (line.partition(b": ") for line in head.split(b"\r\n")[1:])
+                              if k == b"content-length"))
+            while len(data) < len(head) + 4 + length:
+                data += sock.recv(65536)
+            answers.append(data)
+    return answers
+
+
+def test_the_answers_head_on_the_wire_is_valid_http(gw, keys):
+    """The JSON answer's headers are written as prepared lines (gateway/response_head.py), past
+    uvicorn's per-header checks: on the wire they must still pass those checks, declare the body's
+    exact length once, keep the connection open when asked, and close it when asked."""
+    key = gw.admin("POST", "/admin/tenants", json={"name": "wire", "rpm": 50, "tpm": 50000}).json()["key"]
+    for connection, count in (("keep-alive", 2), ("close", 1)):
+        for answer in _raw_exchange(gw, key, connection, count):
+            head, body = answer.split(b"\r\n\r\n", 1)
+            status, *lines = head.split(b"\r\n")
+            assert status == b"HTTP/1.1 200 OK"
+            fields = [line.partition(b": ") for line in lines]
+            for name, sep, value in fields:
+                assert sep and not HEADER_RE.search(name) and not HEADER_VALUE_RE.search(value), (name, value)
+            names = [name.lower() for name, _, _ in fields]
+            assert len(names) == len(set(names)), names  # no header twice
+            values = {name.lower(): value for name, _, value in fields}
+            assert int(values[b"content-length"]) == len(body) and json.loads(body)["object"] == "chat.completion"
+            assert values[b"content-type"] == b"application/json" and values[b"x-request-id"].startswith(b"req_")
+            assert values[b"x-ratelimit-limit-requests"] == b"50" and b"date" in values and b"server" in values
+            assert (values.get(b"connection") == b"close") == (connection == "close")
 
 
 def test_the_request_log_has_one_line_per_request(serve_app, tmp_path, gateway_model_dir, caplog):

@@ -7,7 +7,6 @@ sent (a background task), so the judge adds no latency."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ from gateway.openai.chat_completion.protocol import ChatCompletionRequest
 from gateway.ratelimit import Headroom, Limited, Reservation
 from gateway.request_id import request_id
 from gateway.request_log import log_request
+from gateway.response_head import PreparedHead, pairs
 from gateway.tenants import Tenant
 from salora.messages import prompt_text
 
@@ -61,30 +61,28 @@ def prompt_token_bound(messages: list[dict[str, str]]) -> int:
     return TEMPLATE_TOKENS + sum(len(m["content"].encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
 
 
-def _limit_headers(headroom: tuple[Headroom, ...]) -> list[tuple[bytes, bytes]]:
-    """OpenAI's `x-ratelimit-*` headers for a tenant with limits (none for one without), as the raw
-    ASGI pairs a response sends: the JSON answer sends them as they are, without a round trip
-    through a dict and Starlette's header encoding."""
-    headers = []
-    for room in headroom:
-        limit, remaining, reset = _limit_names(room.kind)
-        headers += ((limit, str(room.limit).encode()), (remaining, str(room.remaining).encode()),
-                    (reset, f"{room.reset_s:.3f}s".encode()))
-    return headers
+def _limit_headers(headroom: tuple[Headroom, ...]) -> bytes:
+    """OpenAI's `x-ratelimit-*` headers for a tenant with limits (none for one without), as the
+    header lines the JSON answer sends as they are (gateway/response_head.py)."""
+    return b"".join(_LIMIT_LINES[room.kind] % (room.limit, room.remaining, room.reset_s) for room in headroom)
 
 
-@functools.cache
-def _limit_names(kind: str) -> tuple[bytes, bytes, bytes]:
-    return (f"x-ratelimit-limit-{kind}".encode(), f"x-ratelimit-remaining-{kind}".encode(),
-            f"x-ratelimit-reset-{kind}".encode())
+class _LimitLines(dict[str, bytes]):
+    """kind -> the format of its three header lines (made once per kind)."""
+
+    def __missing__(self, kind: str) -> bytes:
+        line = (f"x-ratelimit-limit-{kind}: %d\r\nx-ratelimit-remaining-{kind}: %d\r\n"
+                f"x-ratelimit-reset-{kind}: %.3fs\r\n").encode()
+        self[kind] = line
+        return line
 
 
-def _as_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Raw header pairs as the `headers=` of an error or a Starlette response."""
-    return {k.decode(): v.decode() for k, v in headers}
+_LIMIT_LINES = _LimitLines()
 
 
-JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+def _as_dict(lines: bytes) -> dict[str, str]:
+    """Header lines as the `headers=` of an error or a Starlette response."""
+    return {k.decode(): v.decode() for k, v in pairs(lines)}
 
 
 def _nothing() -> None:
@@ -229,13 +227,13 @@ async def _disconnected(receive: Receive) -> None:
 
 
 class _JSONAnswer:
-    """A whole answer, sent as prepared header pairs and body bytes, then accounted for: what
+    """A whole answer, sent as prepared header lines and body bytes, then accounted for: what
     Starlette's JSONResponse with a BackgroundTask did, without its dict rendering, header
     encoding and callable checks per request (docs/performance.md)."""
 
     __slots__ = ("headers", "body", "answer")
 
-    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes, answer: _Answer) -> None:
+    def __init__(self, headers: PreparedHead, body: bytes, answer: _Answer) -> None:
         self.headers, self.body, self.answer = headers, body, answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -371,7 +369,7 @@ class ChatServing:
         return f'"delta":{dumps({} if text is None else {"content": text})}'
 
     async def _complete(self, receive: Receive, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk],
-                        headers: list[tuple[bytes, bytes]]) -> ASGIApp:
+                        headers: bytes) -> ASGIApp:
         """Collect the whole answer, unless the client leaves first: then stop generating. An engine
         whose first chunk is the whole answer (vLLM's non-streamed one) has nothing left to wait for:
         no watcher task then, which was two tasks and a wait per request (docs/performance.md)."""
@@ -406,7 +404,7 @@ class ChatServing:
             raise error
         return self._json(answer, headers)
 
-    def _json(self, answer: _Answer, headers: list[tuple[bytes, bytes]]) -> _JSONAnswer:
+    def _json(self, answer: _Answer, headers: bytes) -> _JSONAnswer:
         """The answer's JSON, byte for byte what `json.dumps(..., ensure_ascii=False, separators=(",",
         ":"))` of its dict gives (Starlette's JSONResponse): the constant parts are literals, only the
         strings are serialised (tests/gateway/test_answer_json.py)."""
@@ -414,7 +412,8 @@ class ChatServing:
                 f'"choices":[{self._choice(answer.text, answer.finish_reason)}],"usage":{{"prompt_tokens":'
                 f'{answer.prompt_tokens},"completion_tokens":{answer.completion_tokens},"total_tokens":'
                 f'{answer.prompt_tokens + answer.completion_tokens}}}}}').encode()
-        return _JSONAnswer([*headers, (b"content-length", str(len(body)).encode()), JSON_CONTENT_TYPE], body, answer)
+        head = PreparedHead(b"%scontent-length: %d\r\ncontent-type: application/json\r\n" % (headers, len(body)), len(body))
+        return _JSONAnswer(head, body, answer)
 
     async def _events(self, answer: _Answer, first: Chunk, stream: AsyncIterator[Chunk], include_usage: bool,
                       release: Callable[[], None]) -> AsyncIterator[str]:
