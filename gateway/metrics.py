@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics import MetricWrapperBase
+
+from gateway.loop_metrics import CounterCell, HistogramCell, LoopCounter, LoopHistogram
 
 OTHER = "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -16,15 +17,15 @@ CANARY_RESULTS = ("pass", "fail", "error")
 
 
 class AnswerSeries(NamedTuple):
-    """The series one finished answer of a (tenant, model) updates."""
+    """The series one finished answer of a (tenant, model) updates (on the event loop only)."""
 
-    ok: MetricWrapperBase
-    duration: MetricWrapperBase
-    ttft: MetricWrapperBase
-    prompt_tokens: MetricWrapperBase
-    completion_tokens: MetricWrapperBase
-    refused: MetricWrapperBase
-    not_refused: MetricWrapperBase
+    ok: CounterCell
+    duration: HistogramCell
+    ttft: HistogramCell
+    prompt_tokens: CounterCell
+    completion_tokens: CounterCell
+    refused: CounterCell
+    not_refused: CounterCell
 
 
 class Metrics:
@@ -34,16 +35,17 @@ class Metrics:
         # names (or `other`), and these series are never removed.
         self._answers: dict[tuple[str, str], AnswerSeries] = {}
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("salora_requests_total", "Chat completion requests by outcome (HTTP status)",
-                                ["tenant", "adapter", "status"], registry=r)
-        self.duration = Histogram("salora_request_duration_seconds", "Chat completion time to the last byte",
-                                  ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("salora_time_to_first_token_seconds", "Time to the first generated text",
-                              ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("salora_tokens_total", "Tokens processed, kind = prompt or completion",
-                              ["tenant", "adapter", "kind"], registry=r)
-        self.responses = Counter("salora_responses_total", "Completed answers, classified by the refusal judge",
-                                 ["tenant", "adapter", "refused"], registry=r)
+        # The chat route's series, updated on the event loop only (gateway/loop_metrics.py says why).
+        self.requests = LoopCounter("salora_requests", "Chat completion requests by outcome (HTTP status)",
+                                    ["tenant", "adapter", "status"], r)
+        self.duration = LoopHistogram("salora_request_duration_seconds", "Chat completion time to the last byte",
+                                      ["adapter"], r, LATENCY_BUCKETS)
+        self.ttft = LoopHistogram("salora_time_to_first_token_seconds", "Time to the first generated text",
+                                  ["adapter"], r, LATENCY_BUCKETS)
+        self.tokens = LoopCounter("salora_tokens", "Tokens processed, kind = prompt or completion",
+                                  ["tenant", "adapter", "kind"], r)
+        self.responses = LoopCounter("salora_responses", "Completed answers, classified by the refusal judge",
+                                     ["tenant", "adapter", "refused"], r)
         self.adapters = Gauge("salora_adapters", "Adapters by lifecycle state", ["state"], registry=r)
         self.engine_errors = Counter("salora_engine_errors_total", "Engine failures by engine and kind",
                                      ["engine", "kind"], registry=r)

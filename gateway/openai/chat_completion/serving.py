@@ -37,7 +37,7 @@ from gateway.errors import (
     unavailable,
 )
 from gateway.metrics import OTHER
-from gateway.openai.chat_completion.protocol import ChatCompletionRequest
+from gateway.openai.chat_completion.protocol import ChatCompletionFields, ChatCompletionRequest
 from gateway.ratelimit import Headroom, Limited, Reservation
 from gateway.request_id import request_id
 from gateway.request_log import log_request
@@ -247,6 +247,7 @@ class ChatServing:
     (auth, limits, admission, engine, accounting) and changes only the request and answer shapes."""
 
     request_model: type[BaseModel] = ChatCompletionRequest
+    fields_model: type[BaseModel] = ChatCompletionFields  # validated first (protocol.py says why)
     object, chunk_object = "chat.completion", "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
@@ -262,11 +263,7 @@ class ChatServing:
         try:
             tenant = authenticate_bearer(ctx, authorization)
             tenant_label = tenant.name
-            try:
-                body = self.request_model.model_validate_json(
-                    await _read_body(receive, length, ctx.settings.limits.max_body_bytes))
-            except ValidationError as e:
-                raise invalid_body(e.errors()) from None
+            body = self._validate(await _read_body(receive, length, ctx.settings.limits.max_body_bytes))
             if not ctx.engine.ready:
                 raise unavailable(ctx.engine.error or "The model is still loading; retry shortly.")
             generation = self._generation_request(body, tenant)
@@ -307,6 +304,16 @@ class ChatServing:
                                 headers=_as_dict(headers),
                                 media_type="text/event-stream", background=BackgroundTask(answer.record))
         return await self._complete(receive, answer, first, stream, headers)
+
+    def _validate(self, raw: bytes) -> Any:
+        try:
+            return self.fields_model.model_validate_json(raw)
+        except ValidationError:
+            pass
+        try:
+            return self.request_model.model_validate_json(raw)
+        except ValidationError as e:
+            raise invalid_body(e.errors()) from None
 
     async def _stream_slot(self, tenant: Tenant) -> Callable[[], None]:
         limit = self.ctx.settings.limits.max_concurrent_streams

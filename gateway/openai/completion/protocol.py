@@ -15,7 +15,9 @@ UNSUPPORTED = ("logprobs", "echo", "suffix", "best_of", "frequency_penalty", "pr
 Prompt = Annotated[str, Field(min_length=1)]
 
 
-class CompletionRequest(BaseModel):
+class CompletionFields(BaseModel):
+    """The request's fields alone, validated first (as `ChatCompletionFields`, for the same reason)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
@@ -30,14 +32,6 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported_off(cls, data: object) -> object:
-        # best_of 1 is its "off" value: one candidate, the answer itself
-        if isinstance(data, dict) and data.get("best_of") == 1:
-            data = {k: v for k, v in data.items() if k != "best_of"}
-        return refuse_unsupported(data, UNSUPPORTED, OFF)
-
     @field_validator("stop", mode="before", json_schema_input_type=NonEmpty | Stops | None)
     @classmethod
     def _one_or_many(cls, v: object) -> object:
@@ -50,6 +44,18 @@ class CompletionRequest(BaseModel):
     @property
     def max_completion_tokens(self) -> None:  # the chat API's newer name; completions have only max_tokens
         return None
+
+
+class CompletionRequest(CompletionFields):
+    """The completions request as the API defines it (as `ChatCompletionRequest`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_off(cls, data: object) -> object:
+        # best_of 1 is its "off" value: one candidate, the answer itself
+        if isinstance(data, dict) and data.get("best_of") == 1:
+            data = {k: v for k, v in data.items() if k != "best_of"}
+        return refuse_unsupported(data, UNSUPPORTED, OFF)
 
 
 class CompletionChoice(BaseModel):

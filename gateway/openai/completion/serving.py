@@ -8,11 +8,11 @@ from typing import Any
 from gateway.compact_json import string
 from gateway.engines.base import GenerationRequest
 from gateway.openai.chat_completion.serving import ChatServing
-from gateway.openai.completion.protocol import CompletionRequest
+from gateway.openai.completion.protocol import CompletionFields, CompletionRequest
 
 
 class CompletionServing(ChatServing):
-    request_model = CompletionRequest
+    request_model, fields_model = CompletionRequest, CompletionFields
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
