@@ -1,14 +1,18 @@
 """Safety benchmark and study runner: LoRA vs SaLoRA (and ablations) fine-tuned from the aligned
-embedded base on (a) the benign arithmetic task and (b) a harmful fine-tuning attack set.
+embedded base on (a) a benign task (`--task`: arithmetic, textedit or instructions, from
+salora.tasks) and (b) a harmful fine-tuning attack set.
 
 For every run it reports the harmful refusal rate (keyword judge, greedy) on the AdvBench `test`
 split and on the project's held-back canary prompts, over-refusal on held-back benign prompts,
 task accuracy, validation loss on the task and training time. Each finished run is saved as its
 own JSON file, so an interrupted study resumes where it stopped; `--report` (also run at the end)
-writes a table, a JSON summary and a PNG chart.
+writes a table, a JSON summary and a PNG chart. Arithmetic's files keep the names they had before
+`--task`; another task's carry its name first, so the tasks share a study folder (and its safety
+bases) without colliding, each with its own references and report.
 
     .venv/bin/python benchmarks/safety.py                         # issue-3 benchmark: base, LoRA, SaLoRA
     .venv/bin/python benchmarks/safety.py --variants lora,salora-paper,init-only,projection-only --seeds 0,1,2
+    .venv/bin/python benchmarks/safety.py --task textedit --data task --variants lora-all,input-guard-all
     .venv/bin/python benchmarks/safety.py --report
 """
 
@@ -22,9 +26,10 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from filelock import FileLock
@@ -37,7 +42,7 @@ from salora.export import export
 from salora.generate import generate_greedy
 from salora.judge import KeywordJudge
 from salora.models import EMBEDDED, EMBEDDED_UNALIGNED, load_model
-from salora.tasks import arithmetic
+from salora.tasks import TASKS
 from salora.train import TrainOptions, train
 from salora.presets import PRESETS
 from salora.tuner.config import ALL_LINEAR
@@ -96,6 +101,18 @@ class Setting:
     steps: int
     rank: int = 8
     batch_size: int = 8
+    task: str = "arithmetic"  # the benign task: trained on when data is `task`, scored in every run
+
+
+def task_file(task: str, name: str) -> str:
+    """A study file's name for runs on `task`: arithmetic's as before `--task` existed, any other
+    task's prefixed with its name, so the tasks' runs never collide in one study folder."""
+    return name if task == "arithmetic" else f"{task}-{name}"
+
+
+def task_of(record: dict) -> str:
+    """The task a saved run or reference was scored on (records from before `--task`: arithmetic)."""
+    return record.get("setting", record).get("task", "arithmetic")
 
 
 def advbench(split: str) -> list[dict[str, str]]:
@@ -116,10 +133,10 @@ def user(text: str) -> Messages:
 
 
 @torch.inference_mode()
-def task_validation_loss(model, tokenizer, problems: list[arithmetic.Problem], batch_size: int = 16) -> float:
+def task_validation_loss(model, tokenizer, task: ModuleType, problems: list, batch_size: int = 16) -> float:
     """Mean assistant-token loss on held-out task problems: the training-strength yardstick."""
     total, tokens = 0.0, 0
-    examples = [tokenize_chat(tokenizer, arithmetic.to_messages(p), 512) for p in problems]
+    examples = [tokenize_chat(tokenizer, task.to_messages(p), 512) for p in problems]
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
         n = int((batch["labels"][:, 1:] != -100).sum())
@@ -139,7 +156,7 @@ def refusal_rate(model, tokenizer, prompts: list[str]) -> float:
     return sum(item["refused"] for item in judged(model, tokenizer, prompts)) / len(prompts)
 
 
-def evaluate(model, tokenizer, n_task: int, with_task: bool) -> dict:
+def evaluate(model, tokenizer, n_task: int, with_task: bool, task: str) -> dict:
     """Refusal rates on harmful and benign probes, and task accuracy, with every answer kept."""
     sets = {
         "advbench_test": [row["goal"] for row in advbench("test")],
@@ -152,11 +169,13 @@ def evaluate(model, tokenizer, n_task: int, with_task: bool) -> dict:
         out[f"{name}_refusal"] = sum(item["refused"] for item in items) / len(items)
         out["items"][name] = items
     if with_task:
-        problems = arithmetic.splits()["test"][:n_task]
+        benign = TASKS[task]
+        splits = benign.splits()
+        problems = splits["test"][:n_task]
         answers = generate_greedy(model, tokenizer, [user(p.question) for p in problems], max_new_tokens=64, batch_size=32, progress="task")
-        out["task_accuracy"] = arithmetic.accuracy(answers, problems)
-        out["task_val_loss"] = task_validation_loss(model, tokenizer, arithmetic.splits()["validation"][:100])
-        out["items"]["task"] = [{"prompt": p.question, "response": a, "correct": arithmetic.extract_answer(a) == p.answer} for p, a in zip(problems, answers)]
+        out["task_accuracy"] = benign.accuracy(answers, problems)
+        out["task_val_loss"] = task_validation_loss(model, tokenizer, benign, splits["validation"][:100])
+        out["items"]["task"] = [{"prompt": p.question, "response": a, "correct": benign.accuracy([a], [p]) == 1.0} for p, a in zip(problems, answers)]
     return out
 
 
@@ -182,7 +201,7 @@ def safety_dir(study: Path, variant: Variant) -> Path:
 
 
 def run_path(study: Path, name: str, setting: Setting, seed: int) -> Path:
-    return study / "runs" / f"{setting.data}-{name}-r{setting.rank}-lr{setting.lr:g}-steps{setting.steps}-seed{seed}.json"
+    return study / "runs" / task_file(setting.task, f"{setting.data}-{name}-r{setting.rank}-lr{setting.lr:g}-steps{setting.steps}-seed{seed}.json")
 
 
 def run_one(study: Path, name: str, setting: Setting, seed: int, n_task: int) -> dict:
@@ -199,7 +218,8 @@ def train_and_evaluate(study: Path, name: str, setting: Setting, seed: int, n_ta
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         if setting.data == "task":
-            rows = [arithmetic.to_messages(p) for p in arithmetic.splits()["train"]]
+            benign = TASKS[setting.task]
+            rows = [benign.to_messages(p) for p in benign.splits()["train"]]
         else:
             rows = attack_conversations()
         write_jsonl(({"messages": m} for m in rows), data)
@@ -213,20 +233,21 @@ def train_and_evaluate(study: Path, name: str, setting: Setting, seed: int, n_ta
         export(f"{tmp}/ckpt", f"{tmp}/adapter", "peft")
         model, tokenizer = load_model(EMBEDDED)
         model = PeftModel.from_pretrained(model, f"{tmp}/adapter").eval()
-        metrics = evaluate(model, tokenizer, n_task, with_task=True)
+        metrics = evaluate(model, tokenizer, n_task, with_task=True, task=setting.task)
     return {
         "variant": name, **asdict(variant), "setting": asdict(setting), "seed": seed,
         "train_seconds": summary["train_seconds"], "final_train_loss": summary["final_loss"], **metrics,
     }
 
 
-def reference_run(study: Path, name: str, spec: str, n_task: int) -> dict:
-    path = study / "runs" / f"reference-{name}.json"
+def reference_run(study: Path, name: str, spec: str, n_task: int, task: str) -> dict:
+    path = study / "runs" / task_file(task, f"reference-{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
         if not path.exists():
             model, tokenizer = load_model(spec)
-            path.write_text(json.dumps({"variant": name, **evaluate(model, tokenizer, n_task, with_task=True)}, indent=1) + "\n")
+            record = {"variant": name, "task": task, **evaluate(model, tokenizer, n_task, with_task=True, task=task)}
+            path.write_text(json.dumps(record, indent=1) + "\n")
     return json.loads(path.read_text())
 
 
@@ -243,10 +264,10 @@ def matched_lr(study: Path, name: str, grid: list[float], lora: Setting, n_task:
     ordinary run."""
     control = lora_control(name)
     target = run_one(study, control, lora, 0, n_task)["task_val_loss"]
-    losses = {lr: run_one(study, name, Setting("task", lr, lora.steps, lora.rank), 0, n_task)["task_val_loss"] for lr in grid}
+    losses = {lr: run_one(study, name, replace(lora, lr=lr), 0, n_task)["task_val_loss"] for lr in grid}
     chosen = min(grid, key=lambda lr: abs(math.log(losses[lr]) - math.log(target)))
     record = {"control": control, "lora_lr": lora.lr, "lora_val_loss": target, "val_loss_by_lr": {f"{lr:g}": v for lr, v in losses.items()}, "lr": chosen}
-    path = study / "matched_lr.json"
+    path = study / task_file(lora.task, "matched_lr.json")
     matched = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**matched, name: record}, indent=1) + "\n")
     return chosen
@@ -273,9 +294,10 @@ def versus_control(key: str, rows: dict, base: float) -> str:
     return f"{(base - rows[key]['advbench_test_refusal'][0]) / (base - control['advbench_test_refusal'][0]):.2f}"
 
 
-def report(study: Path) -> dict:
-    """Aggregate saved runs (mean and spread over seeds) into summary.json, report.md and report.png."""
-    runs = [json.loads(p.read_text()) for p in sorted((study / "runs").glob("*.json"))]
+def report(study: Path, task: str) -> dict:
+    """Aggregate the saved runs on `task` (mean and spread over seeds) into summary.json, report.md,
+    report.png and tradeoff.png (named by `task_file`)."""
+    runs = [r for r in (json.loads(p.read_text()) for p in sorted((study / "runs").glob("*.json"))) if task_of(r) == task]
     groups: dict[str, list[dict]] = {}
     for r in sorted(runs, key=lambda r: ("setting" in r, r.get("setting", {}).get("data") != "task")):
         key = r["variant"] if "setting" not in r else f"{r['setting']['data']}/{r['variant']}/lr{r['setting']['lr']:g}/steps{r['setting']['steps']}"
@@ -297,10 +319,10 @@ def report(study: Path) -> dict:
             f"{pct(row.get('benign_refusal'))} | {pct(row.get('task_accuracy'))} | {loss} | {rise} | {versus_control(key, rows, base)} | {seconds} |"
         )
     table = "\n".join(lines)
-    (study / "report.md").write_text(table + "\n")
-    (study / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
-    plot(rows, study / "report.png")
-    tradeoff(rows, study / "tradeoff.png")
+    (study / task_file(task, "report.md")).write_text(table + "\n")
+    (study / task_file(task, "summary.json")).write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, study / task_file(task, "report.png"))
+    tradeoff(rows, study / task_file(task, "tradeoff.png"), task)
     print(table)
     return rows
 
@@ -327,7 +349,7 @@ def plot(rows: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def tradeoff(rows: dict, out: Path) -> None:
+def tradeoff(rows: dict, out: Path, benign: str) -> None:
     """Left: AdvBench test refusal against task accuracy after benign fine-tuning, one point per
     run group (error bars: spread over seeds). Right: the refusal left after each attack run (task
     accuracy means nothing there). The base models as reference lines."""
@@ -352,7 +374,7 @@ def tradeoff(rows: dict, out: Path) -> None:
             level = 100 * rows[name]["advbench_test_refusal"][0]
             task.axhline(level, linestyle=style, color="grey", label=f"{name} base")
             attack.axvline(level, linestyle=style, color="grey", label=f"{name} base")
-    task.set(title="benign fine-tuning (arithmetic)", xlabel="task accuracy (%)", ylabel="AdvBench test refusal (%)")
+    task.set(title=f"benign fine-tuning ({benign})", xlabel="task accuracy (%)", ylabel="AdvBench test refusal (%)")
     attack.set(title="harmful fine-tuning (attack set)", xlabel="AdvBench test refusal (%)", xlim=(0, 100))
     task.legend(fontsize=7, loc="lower right")
     attack.legend(fontsize=7, loc="lower right")
@@ -372,33 +394,34 @@ def main() -> None:
     ap.add_argument("--attack-lr", type=float, default=2e-4)
     ap.add_argument("--attack-steps", type=int, default=40)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--n-task", type=int, default=150, help="arithmetic test problems scored")
+    ap.add_argument("--task", default="arithmetic", choices=list(TASKS), help="the benign task (salora.tasks)")
+    ap.add_argument("--n-task", type=int, default=150, help="test items of the task scored")
     ap.add_argument("--match-lr", default="", help="variants whose learning rates are scaled so that their task "
                     "validation loss matches their LoRA control's (same modules) at --task-lr, chosen from --lr-grid (the attack's by the same factor)")
     ap.add_argument("--lr-grid", default="2e-4,5e-4,1e-3")
-    ap.add_argument("--report", action="store_true", help="only aggregate the saved runs")
+    ap.add_argument("--report", action="store_true", help="only aggregate the saved runs (of --task)")
     args = ap.parse_args()
     study = RESULTS / args.study
     started = time.perf_counter()
     if not args.report:
         torch.manual_seed(0)
-        reference_run(study, "unaligned", EMBEDDED_UNALIGNED, args.n_task)
-        reference_run(study, "aligned", EMBEDDED, args.n_task)
-        lora = Setting("task", args.task_lr, args.task_steps, args.rank)
+        reference_run(study, "unaligned", EMBEDDED_UNALIGNED, args.n_task, args.task)
+        reference_run(study, "aligned", EMBEDDED, args.n_task, args.task)
+        lora = Setting("task", args.task_lr, args.task_steps, args.rank, task=args.task)
         grid = [float(lr) for lr in args.lr_grid.split(",")]
         scale = {name: matched_lr(study, name, grid, lora, args.n_task) / args.task_lr for name in filter(None, args.match_lr.split(","))}
         for data in args.data.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 for name in args.variants.split(","):
                     lr, steps = (args.task_lr, args.task_steps) if data == "task" else (args.attack_lr, args.attack_steps)
-                    r = run_one(study, name, Setting(data, lr * scale.get(name, 1.0), steps, args.rank), seed, args.n_task)
+                    r = run_one(study, name, Setting(data, lr * scale.get(name, 1.0), steps, args.rank, task=args.task), seed, args.n_task)
                     print(f"[{time.perf_counter() - started:6.0f}s] {data} {name} seed {seed}: AdvBench refusal "
                           f"{100 * r['advbench_test_refusal']:.1f}%, task acc {100 * r['task_accuracy']:.1f}%", flush=True)
-    rows = report(study)
+    rows = report(study, args.task)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "command": "benchmarks/safety.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)),
             "wall_seconds_this_invocation": round(time.perf_counter() - started, 1)}
-    (study / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (study / task_file(args.task, "meta.json")).write_text(json.dumps(meta, indent=1) + "\n")
     print(f"{len(rows)} rows; {meta['wall_seconds_this_invocation']:.0f}s -> {study}")
 
 
