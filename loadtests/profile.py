@@ -36,6 +36,7 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 COMPONENTS: tuple[tuple[str, str, str], ...] = (
     ("judge", "salora/judge.py", ""),
     ("metrics", "prometheus_client/", ""),
+    ("metrics", "gateway/loop_metrics.py", ""),
     ("pydantic validation", "pydantic", ""),
     ("JSON", "json/", ""),
     ("JSON", "orjson", ""),
@@ -53,6 +54,7 @@ COMPONENTS: tuple[tuple[str, str, str], ...] = (
     ("engine call (upstream client)", "multidict/", ""),
     ("engine call (upstream client)", "gateway/engines/", ""),
     ("response writing (server)", "uvicorn/protocols/http/", "RequestResponseCycle.send"),
+    ("response writing (server)", "gateway/response_head.py", ""),
     ("response writing (server)", "starlette/responses.py", ""),
     ("HTTP parsing (server)", "uvicorn/protocols/http/", ""),
     ("HTTP parsing (server)", "gateway/header_limit.py", ""),
