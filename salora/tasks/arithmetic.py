@@ -18,6 +18,7 @@ from pathlib import Path
 
 from salora.datasets import write_jsonl as _write_rows
 from salora.errors import SaLoRAError
+from salora.tasks.common import distinct
 
 OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 SPLIT_SIZES = {"train": 3000, "validation": 200, "test": 300}
@@ -201,16 +202,7 @@ def _draw(r: random.Random) -> Problem:
 
 def generate(n: int, seed: int) -> list[Problem]:
     """`n` problems with distinct questions, the same for the same seed."""
-    r = random.Random(seed)
-    problems: dict[str, Problem] = {}
-    for _ in range(20 * n + 100):
-        if len(problems) == n:
-            break
-        p = _draw(r)
-        problems.setdefault(p.question, p)
-    if len(problems) < n:
-        raise SaLoRAError(f"could not generate {n} distinct arithmetic problems")
-    return list(problems.values())
+    return distinct(_draw, n, seed, "arithmetic")
 
 
 def splits(seed: int = 0) -> dict[str, list[Problem]]:
