@@ -11,7 +11,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.response_head import PreparedHead
 
 HEADER = b"x-request-id"
-CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")  # anything else (control characters, huge) is replaced
+# Anything else (control characters, huge) is replaced. `fullmatch`, not `^...$`: `$` also matches
+# before a final newline, and the id goes into the answer's prepared head as it is.
+CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id(scope: Scope) -> str:
@@ -29,7 +31,7 @@ class RequestId:
             return
         given = next((v for k, v in scope["headers"] if k == HEADER), b"")
         # 128 random bits, as uuid4 gives, at a quarter of its cost (no UUID object): 7 µs a request
-        rid = given if CLIENT_ID.match(given) else b"req_" + os.urandom(16).hex().encode()
+        rid = given if CLIENT_ID.fullmatch(given) else b"req_" + os.urandom(16).hex().encode()
         scope.setdefault("state", {})["request_id"] = rid.decode()
 
         async def tagged(message: Message) -> None:

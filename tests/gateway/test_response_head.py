@@ -87,3 +87,30 @@ def test_a_prepared_head_reads_as_pairs() -> None:
     head = PreparedHead(b"a: 1\r\nb: two words\r\n", 0)
     assert list(head) == [(b"a", b"1"), (b"b", b"two words")]
     assert list(head.plus(b"c: 3\r\n"))[-1] == (b"c", b"3") and head.content_length == 0
+
+
+@pytest.mark.parametrize("given", [b"abc\n", b"abc\r\nx-evil: 1", b"a b", b"", b"x" * 129])
+def test_a_client_request_id_that_is_no_plain_token_is_replaced(given: bytes) -> None:
+    """The request id is echoed in the prepared head unchecked, so only a plain token may be kept
+    (a trailing newline once passed a `^...$` pattern)."""
+    from gateway.request_id import RequestId
+
+    sent: list[dict] = []
+
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": PreparedHead(b"content-length: 0\r\n", 0)})
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "headers": [(b"x-request-id", given)]}
+    asyncio.run(RequestId(app)(scope, None, send))  # type: ignore[arg-type]
+    rid = dict(sent[0]["headers"])[b"x-request-id"]
+    assert rid != given and rid.startswith(b"req_") and len(rid) == 36
+    kept: list[dict] = []
+
+    async def keep(message: dict) -> None:
+        kept.append(message)
+
+    asyncio.run(RequestId(app)({"type": "http", "headers": [(b"x-request-id", b"trace-1.a:b")]}, None, keep))  # type: ignore[arg-type]
+    assert dict(kept[0]["headers"])[b"x-request-id"] == b"trace-1.a:b"
