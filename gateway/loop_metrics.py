@@ -23,7 +23,7 @@ class CounterCell:
         self.value = 0.0
 
     def inc(self, amount: float = 1) -> None:
-        self.value += amount
+        self.value += amount  # callers add counts and token numbers, never a negative amount
 
 
 class HistogramCell:
@@ -45,6 +45,13 @@ class _Family:
         self._cells: dict[tuple[str, ...], CounterCell | HistogramCell] = {}
         registry.register(self)
 
+    def _new(self, values: tuple[str, ...], cell: CounterCell | HistogramCell) -> CounterCell | HistogramCell:
+        """A series' first use: its label values checked (as prometheus_client does on every call),
+        so a bad one fails its caller, not every later scrape."""
+        if len(values) != len(self.labelnames) or not all(type(v) is str for v in values):
+            raise ValueError(f"{self.name} takes {len(self.labelnames)} string label values, got {values!r}")
+        return self._cells.setdefault(values, cell)
+
     def describe(self) -> list[Metric]:
         return [self._family()]
 
@@ -54,7 +61,7 @@ class _Family:
 
 class LoopCounter(_Family):
     def labels(self, *values: str) -> CounterCell:
-        return self._cells.get(values) or self._cells.setdefault(values, CounterCell())  # type: ignore[return-value]
+        return self._cells.get(values) or self._new(values, CounterCell())  # type: ignore[return-value]
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -74,7 +81,7 @@ class LoopHistogram(_Family):
         self._names = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
 
     def labels(self, *values: str) -> HistogramCell:
-        return self._cells.get(values) or self._cells.setdefault(values, HistogramCell(self.bounds))  # type: ignore[return-value]
+        return self._cells.get(values) or self._new(values, HistogramCell(self.bounds))  # type: ignore[return-value]
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

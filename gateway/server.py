@@ -45,10 +45,8 @@ class GatewayServer(uvicorn.Server):
 
 
 def uvicorn_config(app: ASGIApp, settings: Settings, **kwargs: Any) -> uvicorn.Config:
-    """uvicorn for the gateway: the httptools parser with the header cap (gateway/header_limit.py).
-    No proxy-headers middleware: nothing in the gateway reads the client's address, and it wrapped
-    every request (1% of the CPU per request, docs/performance.md)."""
-    return uvicorn.Config(app, http=bounded_protocol(settings.limits.max_header_bytes), proxy_headers=False, **kwargs)
+    """uvicorn for the gateway: the httptools parser with the header cap (gateway/header_limit.py)."""
+    return uvicorn.Config(app, http=bounded_protocol(settings.limits.max_header_bytes), **kwargs)
 
 
 def serve(settings: Settings) -> None:

@@ -104,14 +104,22 @@ def _raw_exchange(gw, key: str, connection: str, count: int) -> list[bytes]:
             sock.sendall(request)
             data = b""
             while b"\r\n\r\n" not in data:
-                data += sock.recv(65536)
+                data += _received(sock)
             head = data.split(b"\r\n\r\n", 1)[0]
             length = int(next(v for k, _, v in (line.partition(b": ") for line in head.split(b"\r\n")[1:])
                               if k == b"content-length"))
             while len(data) < len(head) + 4 + length:
-                data += sock.recv(65536)
+                data += _received(sock)
             answers.append(data)
+        if connection == "close":
+            assert sock.recv(1) == b"", "the server kept a connection the client asked to close"
     return answers
+
+
+def _received(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    assert data, "the server closed the connection mid-answer"
+    return data
 
 
 def test_the_answers_head_on_the_wire_is_valid_http(gw, keys):

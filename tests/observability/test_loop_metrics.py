@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from gateway.loop_metrics import LoopCounter, LoopHistogram
@@ -51,3 +53,13 @@ def test_one_series_per_label_values_when_threads_create_them() -> None:
     for t in threads:
         t.join()
     assert len({id(c) for c in cells}) == 1
+
+
+def test_a_bad_label_value_fails_its_caller_not_the_scrape() -> None:
+    registry = CollectorRegistry()
+    count = LoopCounter("c", "a counter", ["tenant", "status"], registry)
+    for bad in (("t", 200), ("t",), ("t", "200", "x")):
+        with pytest.raises(ValueError, match="string label values"):
+            count.labels(*bad)  # type: ignore[arg-type]
+    count.labels("t", "200").inc()
+    assert 'c_total{status="200",tenant="t"} 1.0' in generate_latest(registry).decode()

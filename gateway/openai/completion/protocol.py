@@ -47,7 +47,7 @@ class CompletionFields(BaseModel):
 
 
 class CompletionRequest(CompletionFields):
-    """The completions request as the API defines it (as `ChatCompletionRequest`)."""
+    """The completions request: its fields, and the unimplemented ones refused unless they are off."""
 
     @model_validator(mode="before")
     @classmethod
