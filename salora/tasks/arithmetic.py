@@ -18,7 +18,7 @@ from pathlib import Path
 
 from salora.datasets import write_jsonl as _write_rows
 from salora.errors import SaLoRAError
-from salora.tasks.common import distinct
+from salora.tasks.common import cut, distinct
 
 OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 SPLIT_SIZES = {"train": 3000, "validation": 200, "test": 300}
@@ -207,12 +207,7 @@ def generate(n: int, seed: int) -> list[Problem]:
 
 def splits(seed: int = 0) -> dict[str, list[Problem]]:
     """Disjoint train/validation/test splits (no question in two splits) from one seeded pool."""
-    pool = generate(sum(SPLIT_SIZES.values()), seed)
-    out, start = {}, 0
-    for name, size in SPLIT_SIZES.items():
-        out[name] = pool[start : start + size]
-        start += size
-    return out
+    return cut(generate(sum(SPLIT_SIZES.values()), seed), SPLIT_SIZES, None)
 
 
 def to_messages(problem: Problem) -> list[dict[str, str]]:

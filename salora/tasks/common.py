@@ -37,12 +37,13 @@ def distinct(draw: Callable[[random.Random], T], n: int, seed: int, what: str) -
     return list(items.values())
 
 
-def cut(pool: Sequence[T], sizes: dict[str, int], seed: int) -> dict[str, list[T]]:
-    """Disjoint splits of `sizes` from a pool of distinct questions. The pool is shuffled first: a
-    kind with few possible prompts runs out early in the draw, and unshuffled its items would mostly
-    land in the first split."""
+def cut(pool: Sequence[T], sizes: dict[str, int], seed: int | None) -> dict[str, list[T]]:
+    """Disjoint splits of `sizes` from a pool of distinct questions. The pool is shuffled first
+    (unless `seed` is None: arithmetic's splits, as its studies were run): a kind with few possible
+    prompts runs out early in the draw, and unshuffled its items would mostly land in the first split."""
     order = list(pool)
-    random.Random(seed).shuffle(order)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
     out, start = {}, 0
     for name, size in sizes.items():
         out[name] = order[start : start + size]
